@@ -1,0 +1,1 @@
+//! BM25 retriever. STUB — being implemented (issue 2 §6).

@@ -1,0 +1,200 @@
+//! The answer pipeline: a [`Retriever`] finds passages, a [`Generator`] streams tokens.
+//!
+//! Both are traits so users of the crate can put their own vector store or model behind
+//! the server. The embedded defaults need no setup: [`bm25::Bm25Index`] over the built-in
+//! corpus (or a folder of `.md`/`.txt` files) and the deterministic [`sim::SimGenerator`].
+//!
+//! A generator's output is a [`TokenStream`]; dropping it cancels generation. The server
+//! drops it the moment the client is gone, so an upstream model stops working for nobody.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_core::Stream;
+
+use crate::sse::encode;
+
+pub mod bm25;
+pub mod corpus;
+pub mod sim;
+
+/// A boxed future, as the pipeline traits return them (they must be object-safe so the
+/// server can hold `Arc<dyn Retriever>`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The stream a [`Generator`] returns. Dropping it must stop generation.
+pub type TokenStream = Pin<Box<dyn Stream<Item = Result<Chunk, PipelineError>> + Send>>;
+
+/// One retrieved passage: what the generator reads and what `done.sources` lists.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Passage {
+    /// Stable identifier of the passage within its corpus (e.g. `quota.md#2`).
+    pub id: Arc<str>,
+    /// Title of the document the passage belongs to.
+    pub title: Arc<str>,
+    /// Where a reader can open the document, if it has an address.
+    pub url: Option<Arc<str>>,
+    /// Relevance score from the retriever; higher is better.
+    pub score: f32,
+    /// The passage text handed to the generator.
+    pub text: Arc<str>,
+}
+
+/// What a generator is asked to answer. Cheap to clone: the fields are shared.
+#[derive(Clone, Debug)]
+pub struct Prompt {
+    /// The user's question, trimmed.
+    pub query: Arc<str>,
+    /// The retrieved passages, best first.
+    pub passages: Arc<[Passage]>,
+}
+
+/// Finds the passages that answer a query.
+pub trait Retriever: Send + Sync + 'static {
+    /// Returns at most `top_k` passages, best first. An empty result is not an error.
+    fn retrieve<'a>(
+        &'a self,
+        query: &'a str,
+        top_k: usize,
+    ) -> BoxFuture<'a, Result<Vec<Passage>, PipelineError>>;
+}
+
+/// Turns a prompt into a stream of tokens.
+pub trait Generator: Send + Sync + 'static {
+    /// Starts generating. The stream yields [`Chunk::Token`]s in order and may yield one
+    /// [`Chunk::Usage`]; it ends when the answer is complete. Dropping it cancels.
+    fn generate(&self, prompt: Prompt) -> TokenStream;
+}
+
+/// One item of a [`TokenStream`].
+#[derive(Clone, Debug)]
+pub enum Chunk {
+    /// The next piece of the answer.
+    Token(Token),
+    /// Token accounting reported by the model (fills `done.usage`).
+    Usage(Usage),
+}
+
+/// Token accounting for the `done` event's `usage` field.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Tokens in the prompt, when the model reports it.
+    pub prompt_tokens: Option<u32>,
+    /// Tokens generated, when the model reports it; otherwise the server counts events.
+    pub completion_tokens: Option<u32>,
+}
+
+/// A generated token together with its encoded SSE frame.
+///
+/// The frame is built once, when the token is made, so sending it is a reference-count
+/// bump. Generators that know their whole answer up front (the sim) encode every frame
+/// into one buffer with [`Token::batch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Token {
+    text: Bytes,
+    frame: Bytes,
+}
+
+impl Token {
+    /// A token for `text`, with its `token` event encoded now.
+    pub fn new(text: &str) -> Self {
+        Token { text: Bytes::copy_from_slice(text.as_bytes()), frame: encode::token(text) }
+    }
+
+    /// Tokens for every piece of `texts`, all texts in one allocation and all frames in
+    /// another; each token then shares those buffers.
+    pub fn batch<'a>(texts: impl IntoIterator<Item = &'a str> + Clone) -> Vec<Token> {
+        let mut text_buf = BytesMut::new();
+        let mut frame_buf = BytesMut::new();
+        let mut ends = Vec::new();
+        for t in texts.clone() {
+            text_buf.extend_from_slice(t.as_bytes());
+            encode::token_into(&mut frame_buf, t);
+            ends.push((text_buf.len(), frame_buf.len()));
+        }
+        let text_all = text_buf.freeze();
+        let frame_all = frame_buf.freeze();
+        let mut out = Vec::with_capacity(ends.len());
+        let (mut t0, mut f0) = (0, 0);
+        for (t1, f1) in ends {
+            out.push(Token { text: text_all.slice(t0..t1), frame: frame_all.slice(f0..f1) });
+            (t0, f0) = (t1, f1);
+        }
+        out
+    }
+
+    /// The token's text.
+    pub fn text(&self) -> &str {
+        // Built only from `&str` (see the constructors), so this is always valid UTF-8.
+        std::str::from_utf8(&self.text).unwrap_or_default()
+    }
+
+    /// The encoded `data: {"type":"token",…}\n\n` frame.
+    pub fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+}
+
+/// Why the pipeline failed; decides the error code the client sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PipelineErrorKind {
+    /// The retriever or generator (or its upstream) failed: `UPSTREAM_ERROR`.
+    Upstream,
+    /// The upstream did not answer in time: `UPSTREAM_TIMEOUT`.
+    Timeout,
+    /// A bug in the pipeline: `INTERNAL`.
+    Internal,
+}
+
+/// A pipeline failure: a kind and a message safe to show a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineError {
+    /// Which class of failure this is.
+    pub kind: PipelineErrorKind,
+    /// Human text; must never carry secrets (keys, full upstream bodies).
+    pub message: String,
+}
+
+impl PipelineError {
+    /// An upstream failure.
+    pub fn upstream(message: impl Into<String>) -> Self {
+        PipelineError { kind: PipelineErrorKind::Upstream, message: message.into() }
+    }
+
+    /// An upstream timeout.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        PipelineError { kind: PipelineErrorKind::Timeout, message: message.into() }
+    }
+
+    /// A bug.
+    pub fn internal(message: impl Into<String>) -> Self {
+        PipelineError { kind: PipelineErrorKind::Internal, message: message.into() }
+    }
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PipelineError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_matches_single_tokens() {
+        let words = ["The", " north", " wind", " \"quoted\"", " é"];
+        let batch = Token::batch(words.iter().copied());
+        assert_eq!(batch.len(), words.len());
+        for (t, w) in batch.iter().zip(words) {
+            assert_eq!(t, &Token::new(w));
+            assert_eq!(t.text(), w);
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Simulated generator. STUB — being implemented (issue 2 §6).

@@ -1,0 +1,1 @@
+//! Channel-backed SSE body. STUB.

@@ -1,0 +1,1 @@
+//! Incremental SSE decoder. STUB — being implemented (issue 2 §8).

@@ -1,0 +1,115 @@
+//! Event encoding: every frame the server sends is built here, once, as [`Bytes`].
+//!
+//! A frame is exactly `data: <one-line JSON>\n\n` (or a comment line), so the simplest
+//! client parser — split on `\n\n`, keep lines starting with `data: ` — reads every event.
+//! Compact `serde_json` output never contains a raw newline (they are escaped inside
+//! strings), which is what keeps each event on one line.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+
+use crate::error::{ErrorCode, ErrorObject};
+
+const PREFIX: &[u8] = b"data: ";
+const SUFFIX: &[u8] = b"\n\n";
+
+/// The heartbeat comment. Static: sending it allocates nothing.
+pub const KEEP_ALIVE: Bytes = Bytes::from_static(b": keep-alive\n\n");
+
+/// Encodes any serializable value as one `data:` event.
+pub fn data<T: Serialize + ?Sized>(value: &T) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64);
+    data_into(&mut buf, value);
+    buf.freeze()
+}
+
+/// Appends one `data:` event for `value` to `buf`.
+///
+/// Generators that prepare many frames at once (the sim) append them all to one buffer and
+/// split it, so a whole answer costs one allocation.
+pub fn data_into<T: Serialize + ?Sized>(buf: &mut BytesMut, value: &T) {
+    buf.put_slice(PREFIX);
+    // Writing JSON into a BytesMut cannot fail: the writer is infallible and the types we
+    // serialize have no fallible Serialize impls (no maps with non-string keys).
+    let _ = serde_json::to_writer((&mut *buf).writer(), value);
+    buf.put_slice(SUFFIX);
+}
+
+#[derive(Serialize)]
+struct TokenEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    token: &'a str,
+}
+
+/// The `token` event for one piece of generated text.
+pub fn token(text: &str) -> Bytes {
+    data(&TokenEvent { kind: "token", token: text })
+}
+
+/// Appends the `token` event for `text` to `buf` (see [`data_into`]).
+pub fn token_into(buf: &mut BytesMut, text: &str) {
+    data_into(buf, &TokenEvent { kind: "token", token: text });
+}
+
+/// The `error` event: `{"type":"error","code":…,"message":…}`.
+pub fn error(code: ErrorCode, message: &str) -> Bytes {
+    data(&ErrorObject::new(code, message))
+}
+
+/// A comment frame (`: text\n\n`), which SSE clients ignore. Newlines in `text` are
+/// replaced by spaces so the comment stays one line.
+pub fn comment(text: &str) -> Bytes {
+    let mut buf = BytesMut::with_capacity(text.len() + 4);
+    buf.put_slice(b": ");
+    for b in text.bytes() {
+        buf.put_u8(if b == b'\n' || b == b'\r' { b' ' } else { b });
+    }
+    buf.put_slice(SUFFIX);
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_frame_is_one_data_line() {
+        assert_eq!(&token(" north")[..], b"data: {\"type\":\"token\",\"token\":\" north\"}\n\n");
+    }
+
+    #[test]
+    fn newlines_inside_tokens_stay_escaped() {
+        let f = token("a\nb\r\n\"c\"");
+        let s = std::str::from_utf8(&f).unwrap();
+        assert_eq!(s.matches('\n').count(), 2, "only the terminator: {s:?}");
+        assert!(s.ends_with("\n\n"));
+        let json: serde_json::Value = serde_json::from_str(&s[6..s.len() - 2]).unwrap();
+        assert_eq!(json["token"], "a\nb\r\n\"c\"");
+    }
+
+    #[test]
+    fn error_frame_carries_code_and_message() {
+        let f = error(ErrorCode::SlowClient, "client stopped reading");
+        assert_eq!(
+            &f[..],
+            b"data: {\"type\":\"error\",\"code\":\"SLOW_CLIENT\",\"message\":\"client stopped reading\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn comment_is_single_line() {
+        assert_eq!(&comment("a\nb")[..], b": a b\n\n");
+        assert_eq!(&KEEP_ALIVE[..], b": keep-alive\n\n");
+    }
+
+    #[test]
+    fn frames_appended_to_one_buffer_split_cleanly() {
+        let mut buf = BytesMut::new();
+        token_into(&mut buf, "a");
+        let first = buf.split().freeze();
+        token_into(&mut buf, "b");
+        assert_eq!(first, token("a"));
+        assert_eq!(buf.freeze(), token("b"));
+    }
+}
