@@ -1,18 +1,37 @@
 //! Who is asking: the keys file, or open mode.
 //!
-//! STUB — being implemented (see issue 2 §5). Signatures are the contract.
+//! With `--keys FILE` every request must carry `Authorization: Bearer <api-key>` naming a
+//! key from the file; the key maps to a user id (the quota map's key) and optionally to
+//! that user's own limit. Without a keys file the server runs in open mode, meant for local
+//! use and load tests: the bearer text itself is the user, else the client's IP address.
+//!
+//! Keys are secrets and never leave this module in readable form (SPEC §3): errors about the
+//! keys file name a line number, not the key; `Debug` for [`Auth`] and [`KeyTable`] prints
+//! counts; an unknown key is refused without echoing it; and an open-mode bearer token,
+//! being both a user id and possibly someone's real key, displays as a fingerprint.
+//!
+//! Keys are looked up in a `HashMap` with std's randomly keyed SipHash, so a client cannot
+//! aim guesses at a key's bucket and learn from response timing which prefixes exist.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
+use std::num::IntErrorKind;
 use std::path::Path;
 use std::sync::Arc;
 
 use http::HeaderMap;
+use http::header::AUTHORIZATION;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// A user's identity, the key of the quota map. Its `Debug`/`Display` never print a
 /// secret: in open mode a bearer token is the user id, so it prints as a fingerprint.
-#[derive(Clone, PartialEq, Eq, Hash)]
+///
+/// Equality and hashing look at the id alone, exactly as the quota map does (it is keyed
+/// by [`UserId::as_str`]): two `UserId`s that share a quota compare equal.
+#[derive(Clone)]
 pub struct UserId {
     id: Arc<str>,
     secret: bool,
@@ -20,16 +39,50 @@ pub struct UserId {
 
 impl UserId {
     /// A user id that may be shown in logs.
-    pub fn new(id: impl Into<Arc<str>>) -> Self { UserId { id: id.into(), secret: false } }
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        UserId {
+            id: id.into(),
+            secret: false,
+        }
+    }
     /// A user id derived from a secret (open mode's bearer text); logs show a fingerprint.
-    pub fn from_secret(id: impl Into<Arc<str>>) -> Self { UserId { id: id.into(), secret: true } }
+    pub fn from_secret(id: impl Into<Arc<str>>) -> Self {
+        UserId {
+            id: id.into(),
+            secret: true,
+        }
+    }
     /// The id itself, for the quota map. Do not log it; log the `Display` form.
-    pub fn as_str(&self) -> &str { &self.id }
+    pub fn as_str(&self) -> &str {
+        &self.id
+    }
+    /// Whether the id came from a secret, so that its `Display` form is a fingerprint.
+    pub fn is_secret(&self) -> bool {
+        self.secret
+    }
+}
+
+impl PartialEq for UserId {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for UserId {}
+
+impl Hash for UserId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
 }
 
 impl std::fmt::Display for UserId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.secret { f.write_str("bearer:?") } else { f.write_str(&self.id) }
+        if self.secret {
+            write!(f, "bearer:{:08x}", fingerprint(&self.id))
+        } else {
+            f.write_str(&self.id)
+        }
     }
 }
 
@@ -37,6 +90,17 @@ impl std::fmt::Debug for UserId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "UserId({self})")
     }
+}
+
+/// 32 bits of SipHash with fixed keys: the same token gives the same fingerprint in every
+/// log line and every run of a build, so lines about one caller can be correlated, while
+/// the token cannot be read back. (Fixed keys and 32 bits are no protection against
+/// guessing a short token; they are a log label for open mode, not a password hash.)
+fn fingerprint(secret: &str) -> u32 {
+    let mut h = DefaultHasher::new();
+    secret.hash(&mut h);
+    let x = h.finish();
+    ((x >> 32) ^ x) as u32
 }
 
 /// The caller, as far as quota is concerned.
@@ -49,6 +113,7 @@ pub struct Identity {
 }
 
 /// How callers are identified.
+#[derive(Debug)]
 pub enum Auth {
     /// No keys file: user = bearer text, else client IP.
     Open,
@@ -57,18 +122,521 @@ pub enum Auth {
 }
 
 /// The parsed keys file.
-pub struct KeyTable {}
+pub struct KeyTable {
+    /// Key text → who it identifies. The `Identity` is built once at load time, so
+    /// identifying a request clones an `Arc` instead of allocating.
+    keys: HashMap<Box<str>, Identity>,
+}
 
-/// A keys file that could not be read or parsed.
+/// A keys file that could not be read or parsed. The message names the file and line,
+/// never a key.
 #[derive(Debug)]
 pub struct KeysError(pub String);
 
+impl std::fmt::Display for KeysError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KeysError {}
+
+/// The line format, quoted in parse errors so the fix is obvious.
+const FORMAT: &str = "expected `<api-key> <user-id> [limit]`";
+
+/// Limits longer than this are not quoted in errors: a long word in the limit column is
+/// more likely a misplaced key than a mistyped number.
+const MAX_QUOTED_LIMIT: usize = 16;
+
+impl KeyTable {
+    /// Parses the text of a keys file: one `<api-key> <user-id> [limit]` per line,
+    /// whitespace-separated; blank lines are skipped, and a word starting with `#` starts a
+    /// comment that runs to the end of the line (so `#` inside a key is part of the key).
+    ///
+    /// A file with no keys is an error: it would refuse every request, which is never
+    /// what a server started with `--keys` is for.
+    pub fn parse(text: &str) -> Result<KeyTable, KeysError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        // Key → (line it was defined on, identity); borrows the text until the end.
+        let mut seen: HashMap<&str, (usize, Identity)> = HashMap::new();
+        for (index, line) in text.lines().enumerate() {
+            let n = index + 1;
+            let err = |what: String| KeysError(format!("line {n}: {what}"));
+            let mut fields = line.split_whitespace().take_while(|w| !w.starts_with('#'));
+            let Some(key) = fields.next() else { continue };
+            let Some(user) = fields.next() else {
+                return Err(err(format!("a key with no user id; {FORMAT}")));
+            };
+            let limit = fields
+                .next()
+                .map(|t| parse_limit(t).map_err(err))
+                .transpose()?;
+            if fields.next().is_some() {
+                return Err(err(format!(
+                    "too many fields; {FORMAT} (a `#` comment must follow whitespace)"
+                )));
+            }
+            // A header value that is not visible ASCII never reaches us as text, so such a
+            // key could never be used; better to say so now than to refuse it forever.
+            if !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(err(
+                    "the key has characters an Authorization header cannot carry \
+                     (only visible ASCII is allowed)"
+                        .to_owned(),
+                ));
+            }
+            let identity = Identity {
+                user: UserId::new(user),
+                limit,
+            };
+            match seen.entry(key) {
+                Entry::Occupied(first) => {
+                    return Err(err(format!(
+                        "duplicate key (first defined on line {})",
+                        first.get().0
+                    )));
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert((n, identity));
+                }
+            }
+        }
+        if seen.is_empty() {
+            return Err(KeysError(
+                "no keys defined: every request would be refused".to_owned(),
+            ));
+        }
+        let keys = seen
+            .into_iter()
+            .map(|(key, (_, identity))| (Box::from(key), identity))
+            .collect();
+        Ok(KeyTable { keys })
+    }
+
+    /// Who `key` identifies, if anyone.
+    pub fn lookup(&self, key: &str) -> Option<&Identity> {
+        self.keys.get(key)
+    }
+
+    /// How many keys the file defined, for the startup log.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the table has no keys (never true for a parsed file).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+impl std::fmt::Debug for KeyTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut users: Vec<&str> = self.keys.values().map(|i| i.user.as_str()).collect();
+        users.sort_unstable();
+        users.dedup();
+        f.debug_struct("KeyTable")
+            .field("keys", &self.keys.len())
+            .field("users", &users.len())
+            .finish()
+    }
+}
+
+/// The limit column: a whole number of asks per window.
+fn parse_limit(text: &str) -> Result<u32, String> {
+    text.parse::<u32>().map_err(|e| match e.kind() {
+        IntErrorKind::PosOverflow => {
+            format!("limit `{text}` is too large (at most {})", u32::MAX)
+        }
+        _ if text.len() > MAX_QUOTED_LIMIT => {
+            "the limit is not a number (is a key in the wrong column?)".to_owned()
+        }
+        _ => format!("limit `{text}` is not a number"),
+    })
+}
+
 impl Auth {
     /// Loads a keys file.
-    pub fn from_file(path: &Path) -> Result<Auth, KeysError> { let _ = path; Ok(Auth::Open) }
+    pub fn from_file(path: &Path) -> Result<Auth, KeysError> {
+        let in_file =
+            |why: &dyn std::fmt::Display| KeysError(format!("keys file {}: {why}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| in_file(&e))?;
+        Auth::parse(&text).map_err(|e| in_file(&e))
+    }
+
+    /// Parses the text of a keys file (see [`KeyTable::parse`]); tests and embedders that
+    /// keep keys elsewhere use this instead of a file.
+    pub fn parse(text: &str) -> Result<Auth, KeysError> {
+        KeyTable::parse(text).map(Auth::Keys)
+    }
+
+    /// Whether the server is in open mode, which startup warns about.
+    pub fn is_open(&self) -> bool {
+        matches!(self, Auth::Open)
+    }
+
+    /// How many keys are configured (0 in open mode).
+    pub fn key_count(&self) -> usize {
+        match self {
+            Auth::Open => 0,
+            Auth::Keys(table) => table.len(),
+        }
+    }
+
     /// Identifies the caller of a request.
-    pub fn identify(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Result<Identity, ApiError> {
-        let _ = (headers, peer);
-        Ok(Identity { user: UserId::new("anon"), limit: None })
+    ///
+    /// Keys mode: the bearer key must be in the table, else `UNAUTHORIZED`. Open mode never
+    /// refuses: the user is the bearer token, else the client's address (`peer`), else
+    /// `anonymous` when the transport knows no address. An `Authorization` header that is
+    /// not a well-formed single `Bearer <token>` counts as no header.
+    pub fn identify(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<Identity, ApiError> {
+        let token = bearer_token(headers);
+        match self {
+            Auth::Keys(table) => match token {
+                None => Err(ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "missing API key: send `Authorization: Bearer <api-key>`",
+                )),
+                Some(token) => table
+                    .lookup(token)
+                    .cloned()
+                    .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown API key")),
+            },
+            Auth::Open => {
+                let user = match (token, peer) {
+                    (Some(token), _) => UserId::from_secret(token),
+                    // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`; use the
+                    // plain IPv4 form so one client is one user however it connected.
+                    (None, Some(ip)) => UserId::new(ip.to_canonical().to_string()),
+                    (None, None) => UserId::new("anonymous"),
+                };
+                Ok(Identity { user, limit: None })
+            }
+        }
+    }
+}
+
+/// The token of a single `Authorization: Bearer <token>` header. The scheme is
+/// case-insensitive (RFC 9110 §11.1); anything else — no header, several, another scheme,
+/// bytes that are not visible ASCII, an empty or space-containing token — is `None`.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        // Two credentials are ambiguous (a proxy may have read the other one).
+        return None;
+    }
+    let (scheme, token) = value.to_str().ok()?.trim().split_once([' ', '\t'])?;
+    let token = token.trim_matches([' ', '\t']);
+    let well_formed =
+        scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains([' ', '\t']);
+    well_formed.then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const FILE: &str = "\
+# askstream keys
+sk-alice-1   alice
+sk-alice-2\talice 50   # a second key for alice, with her own limit
+
+  sk-bob#7 bob 0 # bob may not ask; `#` inside a key is part of it
+sk-carol carol#not-a-comment\r
+";
+
+    fn headers(auth: &[&[u8]]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in auth {
+            h.append(AUTHORIZATION, HeaderValue::from_bytes(v).unwrap());
+        }
+        h
+    }
+
+    fn keys() -> Auth {
+        Auth::parse(FILE).unwrap()
+    }
+
+    #[test]
+    fn parses_keys_users_limits_and_comments() {
+        let Auth::Keys(t) = keys() else {
+            panic!("keys mode")
+        };
+        assert_eq!(t.len(), 4);
+        let id = |k| t.lookup(k).cloned();
+        assert_eq!(
+            id("sk-alice-1"),
+            Some(Identity {
+                user: UserId::new("alice"),
+                limit: None
+            })
+        );
+        assert_eq!(
+            id("sk-alice-2"),
+            Some(Identity {
+                user: UserId::new("alice"),
+                limit: Some(50)
+            })
+        );
+        assert_eq!(
+            id("sk-bob#7"),
+            Some(Identity {
+                user: UserId::new("bob"),
+                limit: Some(0)
+            })
+        );
+        assert_eq!(id("sk-carol").unwrap().user.as_str(), "carol#not-a-comment");
+        assert_eq!(id("sk-bob"), None);
+        assert_eq!(id("#"), None);
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_key() {
+        let auth = Auth::parse("\u{feff}k1 u1\n").unwrap();
+        let h = headers(&[b"Bearer k1"]);
+        assert_eq!(auth.identify(&h, None).unwrap().user.as_str(), "u1");
+    }
+
+    #[test]
+    fn parse_errors_name_the_line_and_never_the_key() {
+        let secret = "sk-SECRET-123";
+        let cases: [(String, &str); 7] = [
+            (format!("ok u\n{secret}\n"), "line 2: a key with no user id"),
+            (
+                format!("# c\n\n{secret} u abc\n"),
+                "line 3: limit `abc` is not a number",
+            ),
+            (
+                format!("{secret} u -1"),
+                "line 1: limit `-1` is not a number",
+            ),
+            (
+                format!("{secret} u 4294967296"),
+                "line 1: limit `4294967296` is too large",
+            ),
+            (format!("{secret} u 5 extra"), "line 1: too many fields"),
+            (
+                format!("{secret} u\nx y\n{secret} v"),
+                "line 3: duplicate key (first defined on line 1)",
+            ),
+            (
+                format!("{secret}\u{e9} u"),
+                "line 1: the key has characters",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = Auth::parse(&text).unwrap_err().to_string();
+            assert!(
+                e.starts_with(expected),
+                "{e:?} should start with {expected:?}"
+            );
+            assert!(!e.contains(secret), "{e:?} leaks the key");
+        }
+        // A long word in the limit column may be a key; it is not quoted.
+        let e = Auth::parse("k u sk-live-0123456789abcdef")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "line 1: the limit is not a number (is a key in the wrong column?)"
+        );
+    }
+
+    #[test]
+    fn a_file_without_keys_is_an_error() {
+        for text in ["", "\n\n", "# only comments\n   # here\n"] {
+            let e = Auth::parse(text).unwrap_err();
+            assert!(e.to_string().contains("no keys"), "{e}");
+        }
+    }
+
+    #[test]
+    fn from_file_reads_and_names_the_file() {
+        let path = std::env::temp_dir().join(format!("askstream-keys-{}.txt", std::process::id()));
+        std::fs::write(&path, "sk-file-key fileuser 3\nsk-file-key other\n").unwrap();
+        let e = Auth::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(&*path.to_string_lossy()) && e.contains("line 2: duplicate key"),
+            "{e}"
+        );
+        assert!(!e.contains("sk-file-key"));
+        std::fs::write(&path, "sk-file-key fileuser 3\n").unwrap();
+        let auth = Auth::from_file(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(auth.key_count(), 1);
+        assert!(!auth.is_open());
+
+        let e = Auth::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with("keys file ") && e.contains(&*path.to_string_lossy()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn keys_mode_identifies_known_keys() {
+        let auth = keys();
+        let id = auth
+            .identify(&headers(&[b"Bearer sk-alice-2"]), None)
+            .unwrap();
+        assert_eq!(
+            id,
+            Identity {
+                user: UserId::new("alice"),
+                limit: Some(50)
+            }
+        );
+        assert!(!id.user.is_secret());
+    }
+
+    #[test]
+    fn keys_mode_refuses_missing_and_unknown_keys_without_echoing() {
+        let auth = keys();
+        let peer = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        for h in [
+            headers(&[]),
+            headers(&[b"Bearer sk-wrong-guess"]),
+            headers(&[b"Basic sk-alice-1"]),
+        ] {
+            let e = auth.identify(&h, peer).unwrap_err();
+            assert_eq!(e.code, ErrorCode::Unauthorized);
+            assert!(!e.message.contains("sk-"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn open_mode_uses_the_token_then_the_address() {
+        let auth = Auth::Open;
+        assert!(auth.is_open());
+        assert_eq!(auth.key_count(), 0);
+        let v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+
+        let id = auth
+            .identify(&headers(&[b"Bearer load-test-42"]), Some(v4))
+            .unwrap();
+        assert_eq!(id.user.as_str(), "load-test-42");
+        assert!(id.user.is_secret());
+        assert_eq!(id.limit, None);
+
+        let id = auth.identify(&headers(&[]), Some(v4)).unwrap();
+        assert_eq!(
+            (id.user.as_str(), id.user.is_secret()),
+            ("192.0.2.7", false)
+        );
+
+        let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 7).to_ipv6_mapped());
+        assert_eq!(
+            auth.identify(&headers(&[]), Some(mapped))
+                .unwrap()
+                .user
+                .as_str(),
+            "192.0.2.7"
+        );
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        assert_eq!(
+            auth.identify(&headers(&[]), Some(v6))
+                .unwrap()
+                .user
+                .as_str(),
+            "::1"
+        );
+
+        let id = auth
+            .identify(&headers(&[b"Basic dXNlcjpwdw=="]), None)
+            .unwrap();
+        assert_eq!(id.user.as_str(), "anonymous");
+    }
+
+    #[test]
+    fn bearer_header_edge_cases() {
+        let ok: [&[u8]; 6] = [
+            b"Bearer tok",
+            b"bearer tok",
+            b"BEARER tok",
+            b"Bearer    tok   ",
+            b"  Bearer\ttok",
+            b"bEaReR \t tok\t",
+        ];
+        for v in ok {
+            assert_eq!(
+                bearer_token(&headers(&[v])),
+                Some("tok"),
+                "{}",
+                String::from_utf8_lossy(v)
+            );
+        }
+        let missing: [&[&[u8]]; 9] = [
+            &[],
+            &[b"Basic tok"],
+            &[b"Bearer"],
+            &[b"Bearer   "],
+            &[b"Bearertok"],
+            &[b"Bearer two words"],
+            &[b"Bearer t\xffk"],
+            &[b"Bearer tok", b"Bearer tok"],
+            &[b"Token tok"],
+        ];
+        for vs in missing {
+            assert_eq!(bearer_token(&headers(vs)), None, "{vs:?}");
+        }
+    }
+
+    #[test]
+    fn non_utf8_header_in_keys_mode_is_unauthorized() {
+        let e = keys()
+            .identify(&headers(&[b"Bearer sk-alice-1\xe9"]), None)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn debug_never_prints_keys() {
+        let auth = keys();
+        let dbg = format!("{auth:?} {auth:#?}");
+        assert!(!dbg.contains("sk-"), "{dbg}");
+        assert!(dbg.contains("keys: 4") && dbg.contains("users: 3"), "{dbg}");
+        assert_eq!(format!("{:?}", Auth::Open), "Open");
+    }
+
+    #[test]
+    fn secret_ids_print_a_stable_fingerprint() {
+        let a = UserId::from_secret("sk-live-very-secret");
+        let shown = a.to_string();
+        assert!(!shown.contains("secret") && !format!("{a:?}").contains("secret"));
+        assert_eq!(shown.len(), "bearer:".len() + 8);
+        assert!(shown.starts_with("bearer:"));
+        assert!(
+            shown["bearer:".len()..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit())
+        );
+        assert_eq!(
+            UserId::from_secret(String::from("sk-live-very-secret")).to_string(),
+            shown
+        );
+        assert_ne!(
+            UserId::from_secret("sk-live-very-secreT").to_string(),
+            shown
+        );
+        assert_eq!(format!("{a:?}"), format!("UserId({shown})"));
+        // Plain ids print as they are.
+        assert_eq!(UserId::new("alice").to_string(), "alice");
+    }
+
+    #[test]
+    fn equality_and_hash_follow_the_id() {
+        use std::collections::HashSet;
+        let plain = UserId::new("x");
+        let secret = UserId::from_secret("x");
+        assert_eq!(plain, secret);
+        let set: HashSet<UserId> = [plain, secret].into_iter().collect();
+        assert_eq!(set.len(), 1);
+        assert_ne!(UserId::new("x"), UserId::new("y"));
     }
 }

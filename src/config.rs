@@ -11,7 +11,11 @@ use clap::Parser;
 
 /// The server's configuration.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "askstream", version, about = "Streams RAG answers as Server-Sent Events, with self-refunding per-user quotas.")]
+#[command(
+    name = "askstream",
+    version,
+    about = "Streams RAG answers as Server-Sent Events, with self-refunding per-user quotas."
+)]
 pub struct Config {
     /// Address to listen on (HTTP/1.1 and h2c on one port).
     #[arg(long, env = "ASKSTREAM_LISTEN", default_value = "127.0.0.1:8080")]
@@ -113,7 +117,8 @@ impl Default for Config {
 
 fn strip_env(cmd: clap::Command) -> clap::Command {
     let ids: Vec<_> = cmd.get_arguments().map(|a| a.get_id().clone()).collect();
-    ids.into_iter().fold(cmd, |cmd, id| cmd.mut_arg(id, |a| a.env(None::<&str>)))
+    ids.into_iter()
+        .fold(cmd, |cmd, id| cmd.mut_arg(id, |a| a.env(None::<&str>)))
 }
 
 impl Config {
@@ -158,14 +163,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 90s, 15m, 24h"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 90s, 15m, 24h"))?;
     let d = match unit.trim() {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
         "d" => Duration::from_secs(n.saturating_mul(86_400)),
-        other => return Err(format!("unknown unit `{other}` in `{s}` (use ms, s, m, h or d)")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{s}` (use ms, s, m, h or d)"
+            ));
+        }
     };
     if d < Duration::from_secs(1) {
         return Err(format!("`{s}` is shorter than one second"));
@@ -189,7 +200,10 @@ mod tests {
         assert_eq!(c.max_body_bytes, 65536);
         assert_eq!(c.max_streams, 10_000);
         assert_eq!(c.shutdown_grace_secs, 30);
-        assert_eq!((c.header_timeout_secs, c.dead_peer_secs, c.slow_client_secs), (10, 30, 30));
+        assert_eq!(
+            (c.header_timeout_secs, c.dead_peer_secs, c.slow_client_secs),
+            (10, 30, 30)
+        );
         assert_eq!((c.ttft_timeout_ms, c.idle_timeout_ms), (30_000, 30_000));
         assert_eq!(c.generator, GeneratorKind::Sim);
     }
@@ -207,7 +221,8 @@ mod tests {
 
     #[test]
     fn flags_override_defaults() {
-        let c = Config::try_parse_from(["askstream", "--quota-limit", "3", "--sim-tokens", "10"]).unwrap();
+        let c = Config::try_parse_from(["askstream", "--quota-limit", "3", "--sim-tokens", "10"])
+            .unwrap();
         assert_eq!((c.quota_limit, c.sim_tokens), (3, 10));
         assert!(Config::try_parse_from(["askstream", "--sim-tokens", "0"]).is_err());
     }

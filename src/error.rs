@@ -104,7 +104,11 @@ pub struct ApiError {
 impl ApiError {
     /// An error with a code and a message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into(), retry_after: None }
+        ApiError {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 
     /// The same error, telling the client when a retry can succeed.
@@ -145,7 +149,11 @@ pub(crate) struct ErrorObject<'a> {
 
 impl<'a> ErrorObject<'a> {
     pub(crate) fn new(code: ErrorCode, message: &'a str) -> Self {
-        ErrorObject { kind: "error", code: code.as_str(), message }
+        ErrorObject {
+            kind: "error",
+            code: code.as_str(),
+            message,
+        }
     }
 }
 

@@ -1,10 +1,67 @@
 //! Per-user quotas: a sharded in-memory map and the self-refunding [`Charge`].
 //!
-//! STUB — being implemented (see issue 2 §4). Signatures are the contract.
+//! Every ask costs one unit of its user's quota, taken before any pipeline work and given
+//! back if the answer is not delivered (SPEC §2). This module owns both halves of that rule.
+//!
+//! # Windows aligned to the epoch
+//!
+//! A window is an integer: `unix_secs / window_secs`. Aligning to the Unix epoch instead of
+//! to each user's first ask means every process (and every replica sharing a store) agrees
+//! on the boundaries without talking, `resetsAt` is plain arithmetic, and "a new window has
+//! begun" needs no timer and no reset pass: the next charge simply sees an older index.
+//!
+//! # One atomic word per user
+//!
+//! An entry is a single `AtomicU64` packing the window index (high 32 bits) and the asks
+//! used in it (low 32 bits). Taking an ask is one compare-and-swap loop over that word:
+//! "is anything left?" and "take one" are a single indivisible step, so with `R` asks left
+//! and `N` concurrent charges exactly `min(N, R)` succeed on any number of threads — no
+//! overdraft, and no lock held while deciding. Rolling into a new window happens inside the
+//! same CAS (an older stored index reads as zero used).
+//!
+//! # Shards
+//!
+//! Users are spread over [`SHARDS`] maps, each behind its own `RwLock`. An existing user —
+//! the hot path — takes only a shared read lock and then works on its atomic word, so asks
+//! never wait for each other. The exclusive lock is taken only to insert a user seen for the
+//! first time (double-checked) and by the sweeper, and then blocks only one shard in
+//! [`SHARDS`]. The shard is picked with a per-map random hasher so that clients cannot
+//! choose user ids that all land in one shard.
+//!
+//! # The refund is a value
+//!
+//! A successful charge returns a [`Charge`], which gives the ask back when dropped unless
+//! [`Charge::settle`] was called once the `done` frame was handed to the connection. Every
+//! way an answer can fail — an error, a timeout, a disconnect that drops the response body,
+//! a panic that unwinds through the pipeline, a cancelled future — drops the charge, so the
+//! refund cannot be forgotten. `settle` and `refund` take `self`, so a charge is refunded at
+//! most once by construction. A refund carries the window it was taken from and is a no-op
+//! once that window has ended: it never lands in a later window than its deduction.
+//!
+//! # Sweeping
+//!
+//! An entry whose stored window is older than the current one reads exactly like a fresh
+//! entry, so removing it changes nothing a user can observe; [`QuotaMap::sweep`] does that,
+//! and memory follows active users, not every user ever seen. See [`QuotaMap::sweep_at`]
+//! for why a live [`Charge`] pointing at a swept entry is harmless.
+//!
+//! # Shared stores
+//!
+//! Several replicas behind one load balancer need one shared count; a Redis or Valkey store
+//! implements [`QuotaStore`] (its `charge` builds a [`Charge`] with [`Charge::new`] around its
+//! own [`Refund`]). The server is generic over the store, so the in-memory path stays
+//! statically dispatched: its async methods do their work synchronously and return a future
+//! that is ready at once, with no boxing and no allocation beyond the entry itself.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::UserId;
 
@@ -13,9 +70,17 @@ use crate::auth::UserId;
 /// server is generic over the store (static dispatch, no boxing).
 pub trait QuotaStore: Send + Sync + 'static {
     /// Takes one ask from `user`'s current window, or refuses without taking anything.
-    fn charge(&self, user: &UserId, limit: u32) -> impl Future<Output = Result<Charge, QuotaError>> + Send;
+    fn charge(
+        &self,
+        user: &UserId,
+        limit: u32,
+    ) -> impl Future<Output = Result<Charge, QuotaError>> + Send;
     /// The caller's standing in the current window, without charging.
-    fn status(&self, user: &UserId, limit: u32) -> impl Future<Output = Result<QuotaStatus, QuotaError>> + Send;
+    fn status(
+        &self,
+        user: &UserId,
+        limit: u32,
+    ) -> impl Future<Output = Result<QuotaStatus, QuotaError>> + Send;
 }
 
 /// Gives one ask back to the window it was taken from.
@@ -25,6 +90,11 @@ pub trait Refund: Send + Sync {
 }
 
 /// One deducted ask. Dropping it refunds; [`Charge::settle`] keeps it.
+///
+/// Holding the charge for as long as the answer is in flight is what makes refunds
+/// exactly-once: whichever way the answer ends, the charge is either settled or dropped,
+/// and both consume it.
+#[must_use = "dropping a Charge refunds the ask at once; settle it when the answer is delivered"]
 pub struct Charge {
     target: Option<Arc<dyn Refund>>,
     window: u64,
@@ -35,17 +105,43 @@ pub struct Charge {
 
 impl Charge {
     /// A charge that refunds through `target` into `window` unless settled.
-    pub fn new(target: Arc<dyn Refund>, window: u64, remaining: u32, limit: u32, resets_at: u64) -> Self {
-        Charge { target: Some(target), window, remaining, limit, resets_at }
+    ///
+    /// Public so that other [`QuotaStore`]s can hand out the same self-refunding guard.
+    pub fn new(
+        target: Arc<dyn Refund>,
+        window: u64,
+        remaining: u32,
+        limit: u32,
+        resets_at: u64,
+    ) -> Self {
+        Charge {
+            target: Some(target),
+            window,
+            remaining,
+            limit,
+            resets_at,
+        }
     }
-    /// Asks left in the window after this one.
-    pub fn remaining(&self) -> u32 { self.remaining }
-    /// The window's limit.
-    pub fn limit(&self) -> u32 { self.limit }
-    /// Unix seconds at which the window ends.
-    pub fn resets_at(&self) -> u64 { self.resets_at }
+    /// Asks left in the window after this one, for the `done` event's `quotaRemaining`.
+    pub fn remaining(&self) -> u32 {
+        self.remaining
+    }
+    /// The window's limit, so a response can report it without asking the store again.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+    /// Unix seconds at which the window ends, for `resetsAt`.
+    pub fn resets_at(&self) -> u64 {
+        self.resets_at
+    }
+    /// The window the ask was taken from; a refund goes back there or nowhere.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
     /// The answer was delivered: the ask stays spent.
-    pub fn settle(mut self) { self.target = None; }
+    pub fn settle(mut self) {
+        self.target = None;
+    }
     /// The answer was not delivered: give the ask back now (same as dropping).
     pub fn refund(self) {}
 }
@@ -60,7 +156,12 @@ impl Drop for Charge {
 
 impl std::fmt::Debug for Charge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Charge").field("window", &self.window).field("remaining", &self.remaining).field("settled", &self.target.is_none()).finish()
+        f.debug_struct("Charge")
+            .field("window", &self.window)
+            .field("remaining", &self.remaining)
+            .field("limit", &self.limit)
+            .field("settled", &self.target.is_none())
+            .finish()
     }
 }
 
@@ -89,23 +190,812 @@ pub enum QuotaError {
     Unavailable(String),
 }
 
+impl QuotaError {
+    /// Seconds a refused client should wait, for the `retry-after` header.
+    ///
+    /// At least 1, so a refusal in the window's last second never says "retry now" (which
+    /// would be refused again). `None` for [`QuotaError::Unavailable`]: nobody knows when
+    /// a store comes back.
+    pub fn retry_after_secs(&self, now_unix_secs: u64) -> Option<u64> {
+        match self {
+            QuotaError::Exceeded { resets_at, .. } => {
+                Some(resets_at.saturating_sub(now_unix_secs).max(1))
+            }
+            QuotaError::Unavailable(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for QuotaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuotaError::Exceeded { limit, resets_at } => write!(
+                f,
+                "quota of {limit} asks per window used up; it resets at {}",
+                rfc3339(*resets_at)
+            ),
+            QuotaError::Unavailable(why) => write!(f, "quota store unavailable: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for QuotaError {}
+
+/// How many shards a [`QuotaMap`] has. A power of two, so the shard is a mask of the hash;
+/// 64 keeps writer collisions rare on any machine this runs on while costing ~4 KiB empty.
+pub const SHARDS: usize = 64;
+
+/// One shard: user id → that user's entry. `Arc` so a [`Charge`] can refund into the entry
+/// without holding the shard lock or looking the user up again.
+type Shard = RwLock<HashMap<Box<str>, Arc<Entry>>>;
+
 /// The in-memory sharded quota map.
+///
+/// Locking rule: a charge runs its CAS while holding its shard's lock (read for existing
+/// users, write for a new one). The sweeper removes entries under the write lock, so it can
+/// never remove an entry between a charger's lookup and its CAS — which would let that
+/// charge land on an orphaned entry while the next one starts a fresh count (an overdraft).
+/// Refunds need no lock: they never move the window, so they cannot change a sweep decision.
 pub struct QuotaMap {
-    window: Duration,
+    /// Window length in whole seconds, at least 1; the unit of window indices.
+    window_secs: u64,
+    /// The users, spread so that inserting one user blocks only its own shard.
+    shards: Box<[Shard]>,
+    /// Picks a shard from a user id; randomly keyed so clients cannot aim at one shard.
+    hasher: RandomState,
 }
 
 impl QuotaMap {
     /// A map whose windows are `window` long, aligned to the Unix epoch.
-    pub fn new(window: Duration) -> Self { QuotaMap { window } }
+    ///
+    /// Sub-second parts of `window` are ignored: windows are whole seconds so that
+    /// `resetsAt` and `retry-after` are whole seconds too.
+    ///
+    /// # Panics
+    ///
+    /// If `window` is shorter than one second.
+    pub fn new(window: Duration) -> Self {
+        let window_secs = window.as_secs();
+        assert!(window_secs >= 1, "quota window must be at least one second");
+        QuotaMap {
+            window_secs,
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// The window length, as configured (in whole seconds).
+    pub fn window(&self) -> Duration {
+        Duration::from_secs(self.window_secs)
+    }
+
+    /// Takes one ask from `user` as of `now_unix_secs`; the clock is a parameter so tests
+    /// (and callers that already read it) control time.
+    ///
+    /// Refuses with [`QuotaError::Exceeded`] and changes nothing when `limit` asks were
+    /// already taken in the window; `limit == 0` refuses every ask. `limit` may differ
+    /// between calls for the same user (a key with its own limit): each call is judged
+    /// against the limit it passes.
+    pub fn charge_at(
+        &self,
+        user: &str,
+        limit: u32,
+        now_unix_secs: u64,
+    ) -> Result<Charge, QuotaError> {
+        let now = self.window_index(now_unix_secs);
+        if limit == 0 {
+            return Err(QuotaError::Exceeded {
+                limit,
+                resets_at: self.resets_at(now),
+            });
+        }
+        let shard = self.shard(user);
+        {
+            let map = shard.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(entry) = map.get(user) {
+                return self.take(entry, limit, now);
+            }
+        }
+        // A user seen for the first time. Another thread may have inserted it since the read
+        // lock was released; `entry` keeps theirs if so.
+        let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
+        let entry = map.entry(Box::from(user)).or_default();
+        self.take(entry, limit, now)
+    }
+
+    /// `user`'s standing as of `now_unix_secs`, without charging (and without inserting
+    /// an unknown user).
+    pub fn status_at(&self, user: &str, limit: u32, now_unix_secs: u64) -> QuotaStatus {
+        let now = self.window_index(now_unix_secs);
+        let (window, used) = {
+            let map = self
+                .shard(user)
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            map.get(user).map_or((now, 0), |e| e.current(now))
+        };
+        QuotaStatus {
+            limit,
+            remaining: limit.saturating_sub(used),
+            resets_at: self.resets_at(window),
+        }
+    }
+
     /// Drops entries idle for a whole window; returns how many were removed.
-    pub fn sweep(&self) -> usize { let _ = self.window; 0 }
+    pub fn sweep(&self) -> usize {
+        self.sweep_at(unix_now())
+    }
+
+    /// Drops the entries whose stored window is older than the window of `now_unix_secs`;
+    /// returns how many were removed.
+    ///
+    /// Such an entry reads exactly like a fresh one (its count belongs to an ended window),
+    /// so removing it is invisible to users. An entry may still be referenced by a live
+    /// [`Charge`] (an answer that started in that ended window and is still streaming): the
+    /// charge keeps the entry alive through its `Arc`, and its eventual refund targets the
+    /// ended window, which is a no-op on any entry — swept or not. It can never reach the
+    /// fresh entry a later charge creates, so no ask is returned twice or to the wrong window.
+    ///
+    /// Shards with nothing to remove are only read-locked, so a routine sweep that finds
+    /// nothing never blocks a charge.
+    pub fn sweep_at(&self, now_unix_secs: u64) -> usize {
+        let now = self.window_index(now_unix_secs);
+        let stale = |e: &Arc<Entry>| e.window() < now;
+        let mut removed = 0;
+        for shard in &self.shards {
+            let any_stale = {
+                let map = shard.read().unwrap_or_else(PoisonError::into_inner);
+                map.values().any(stale)
+            };
+            if !any_stale {
+                continue;
+            }
+            let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
+            let before = map.len();
+            map.retain(|_, e| !stale(e));
+            removed += before - map.len();
+            // A HashMap never shrinks on its own; after a mass expiry give the memory back,
+            // keeping headroom so the next burst of users does not reallocate at once.
+            if map.len() < map.capacity() / 4 {
+                let keep = map.len() * 2;
+                map.shrink_to(keep);
+            }
+        }
+        removed
+    }
+
+    /// Sweeps every `every` until `stop` is cancelled or the map is dropped.
+    ///
+    /// The task holds only a weak reference, so it never keeps a discarded map alive. Each
+    /// sweep runs on tokio's blocking pool: scanning a large map would otherwise stall every
+    /// stream served by the worker thread it ran on.
+    ///
+    /// # Panics
+    ///
+    /// If `every` is zero, or when called outside a tokio runtime.
+    pub fn spawn_sweeper(
+        self: &Arc<Self>,
+        every: Duration,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
+        assert!(!every.is_zero(), "sweep period must be positive");
+        let map = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + every;
+            let mut tick = tokio::time::interval_at(start, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                // Either the server is stopping, or it is time for the next sweep.
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(strong) = map.upgrade() else { return };
+                match tokio::task::spawn_blocking(move || (strong.sweep(), strong.len())).await {
+                    Ok((0, _)) => {}
+                    Ok((removed, users)) => {
+                        tracing::debug!(removed, users, "swept idle quota entries");
+                    }
+                    Err(e) => tracing::error!(error = %e, "quota sweep failed"),
+                }
+            }
+        })
+    }
+
+    /// How many users have an entry (active in the current window, or not yet swept).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+
+    /// Whether no user has an entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The window containing `unix_secs`. Saturates rather than wraps past `u32::MAX`
+    /// (the year 2106 for one-second windows), so time never appears to go backwards.
+    fn window_index(&self, unix_secs: u64) -> u32 {
+        u32::try_from(unix_secs / self.window_secs).unwrap_or(u32::MAX)
+    }
+
+    /// Unix seconds at which `window` ends.
+    fn resets_at(&self, window: u32) -> u64 {
+        (u64::from(window) + 1).saturating_mul(self.window_secs)
+    }
+
+    fn shard(&self, user: &str) -> &Shard {
+        let h = self.hasher.hash_one(user) as usize;
+        &self.shards[h & (SHARDS - 1)]
+    }
+
+    /// Charges `entry` and wraps the result; the caller holds the entry's shard lock.
+    fn take(&self, entry: &Arc<Entry>, limit: u32, now: u32) -> Result<Charge, QuotaError> {
+        match entry.take(now, limit) {
+            Ok((window, used)) => Ok(Charge::new(
+                // Coerces `Arc<Entry>` to `Arc<dyn Refund>`: a refcount bump, no allocation.
+                Arc::clone(entry) as Arc<dyn Refund>,
+                u64::from(window),
+                limit - used,
+                limit,
+                self.resets_at(window),
+            )),
+            Err(window) => Err(QuotaError::Exceeded {
+                limit,
+                resets_at: self.resets_at(window),
+            }),
+        }
+    }
+
+    /// The raw (window, used) of `user`'s entry, for tests that check invariants.
+    #[cfg(test)]
+    fn raw(&self, user: &str) -> Option<(u32, u32)> {
+        let map = self
+            .shard(user)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(user)
+            .map(|e| unpack(e.state.load(Ordering::Relaxed)))
+    }
+}
+
+impl std::fmt::Debug for QuotaMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuotaMap")
+            .field("window_secs", &self.window_secs)
+            .field("users", &self.len())
+            .finish()
+    }
 }
 
 impl QuotaStore for QuotaMap {
-    async fn charge(&self, _user: &UserId, limit: u32) -> Result<Charge, QuotaError> {
-        Err(QuotaError::Exceeded { limit, resets_at: 0 })
+    async fn charge(&self, user: &UserId, limit: u32) -> Result<Charge, QuotaError> {
+        self.charge_at(user.as_str(), limit, unix_now())
     }
-    async fn status(&self, _user: &UserId, limit: u32) -> Result<QuotaStatus, QuotaError> {
-        Ok(QuotaStatus { limit, remaining: limit, resets_at: 0 })
+    async fn status(&self, user: &UserId, limit: u32) -> Result<QuotaStatus, QuotaError> {
+        Ok(self.status_at(user.as_str(), limit, unix_now()))
+    }
+}
+
+/// One user's count: `(window index << 32) | used`, in one word so that reading the window
+/// and the count, and replacing both, are each a single atomic step.
+#[derive(Default)]
+struct Entry {
+    state: AtomicU64,
+}
+
+// Every access is a load or a read-modify-write on this one word, and RMWs on one location
+// always see the latest value in its modification order; that alone gives the no-overdraft
+// guarantee, so `Relaxed` suffices. Nothing else is published through the word.
+impl Entry {
+    /// The window the entry was last charged in.
+    fn window(&self) -> u32 {
+        unpack(self.state.load(Ordering::Relaxed)).0
+    }
+
+    /// (window, used) as seen from window `now`.
+    fn current(&self, now: u32) -> (u32, u32) {
+        effective(self.state.load(Ordering::Relaxed), now)
+    }
+
+    /// Takes one ask: `Ok((window, used after))`, or `Err(window)` when nothing is left.
+    fn take(&self, now: u32, limit: u32) -> Result<(u32, u32), u32> {
+        let step = |s| {
+            let (window, used) = effective(s, now);
+            (used < limit).then(|| pack(window, used + 1))
+        };
+        match self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, step)
+        {
+            Ok(prev) => {
+                let (window, used) = effective(prev, now);
+                Ok((window, used + 1))
+            }
+            Err(prev) => Err(effective(prev, now).0),
+        }
+    }
+}
+
+impl Refund for Entry {
+    fn refund(&self, window: u64) {
+        let Ok(window) = u32::try_from(window) else {
+            return;
+        };
+        // Only into the window the ask came from, and never below zero; if the window has
+        // rolled over, the ask expired with it and there is nothing to give back.
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                let (w, used) = unpack(s);
+                (w == window && used > 0).then(|| pack(w, used - 1))
+            });
+    }
+}
+
+fn pack(window: u32, used: u32) -> u64 {
+    (u64::from(window) << 32) | u64::from(used)
+}
+
+fn unpack(state: u64) -> (u32, u32) {
+    ((state >> 32) as u32, state as u32)
+}
+
+/// The (window, used) that counts at window `now`: an older stored window has ended, so
+/// nothing is used in the current one. A stored window *newer* than `now` (the wall clock
+/// stepped back) stays in force, so stepping the clock back and forth across a boundary
+/// cannot hand out a fresh window twice.
+fn effective(state: u64, now: u32) -> (u32, u32) {
+    let (window, used) = unpack(state);
+    if window >= now {
+        (window, used)
+    } else {
+        (now, 0)
+    }
+}
+
+/// Seconds since the Unix epoch by the wall clock (0 if the clock is before 1970).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Formats Unix seconds as an RFC 3339 UTC timestamp such as `2026-11-24T00:00:00Z`, the
+/// form of the `resetsAt` field.
+pub fn rfc3339(unix_secs: u64) -> String {
+    let (year, month, day) = civil_from_days(unix_secs / 86_400);
+    let secs = unix_secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar.
+///
+/// Counting years from 1 March puts the leap day at the end of the year, so the month
+/// lengths form a fixed pattern and the calendar repeats exactly every 400 years (an "era"
+/// of 146 097 days); the year within an era then follows from the 4/100/400 leap rules.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468; // days from 0000-03-01 to 1970-01-01
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    // Remove the leap days that precede this day in its era, then divide by 365.
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    // Months from March: lengths 31,30,31,30,31 repeat, which 153 days / 5 months encodes.
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Barrier;
+    use std::sync::atomic::AtomicUsize;
+
+    const DAY: u64 = 86_400;
+
+    fn map() -> QuotaMap {
+        QuotaMap::new(Duration::from_secs(DAY))
+    }
+
+    #[test]
+    fn windows_are_aligned_to_the_epoch() {
+        let q = QuotaMap::new(Duration::from_secs(3600));
+        let now = 10 * 3600 + 1234;
+        let c = q.charge_at("u", 5, now).unwrap();
+        assert_eq!(c.window(), 10);
+        assert_eq!(c.resets_at(), 11 * 3600);
+        assert_eq!(c.remaining(), 4);
+        assert_eq!(c.limit(), 5);
+        c.settle();
+        let s = q.status_at("u", 5, 11 * 3600 - 1);
+        assert_eq!(
+            s,
+            QuotaStatus {
+                limit: 5,
+                remaining: 4,
+                resets_at: 11 * 3600
+            }
+        );
+    }
+
+    #[test]
+    fn sub_second_window_parts_are_ignored() {
+        let q = QuotaMap::new(Duration::from_millis(2500));
+        assert_eq!(q.window(), Duration::from_secs(2));
+    }
+
+    #[test]
+    #[should_panic(expected = "at least one second")]
+    fn a_window_under_a_second_is_refused() {
+        let _ = QuotaMap::new(Duration::from_millis(999));
+    }
+
+    #[test]
+    fn exhausting_then_rolling_over() {
+        let q = map();
+        let t0 = 20_000 * DAY + 5;
+        for i in 0..3 {
+            let c = q.charge_at("u", 3, t0 + i).unwrap();
+            assert_eq!(c.remaining(), 2 - i as u32);
+            c.settle();
+        }
+        let err = q.charge_at("u", 3, t0 + 10).unwrap_err();
+        assert_eq!(
+            err,
+            QuotaError::Exceeded {
+                limit: 3,
+                resets_at: 20_001 * DAY
+            }
+        );
+        assert_eq!(err.retry_after_secs(t0 + 10), Some(DAY - 15));
+        assert_eq!(err.retry_after_secs(20_001 * DAY), Some(1));
+        // A refusal takes nothing.
+        assert_eq!(q.raw("u"), Some((20_000, 3)));
+        assert_eq!(q.status_at("u", 3, 20_001 * DAY - 1).remaining, 0);
+
+        // The first second of the next window starts from zero.
+        assert_eq!(q.status_at("u", 3, 20_001 * DAY).remaining, 3);
+        let c = q.charge_at("u", 3, 20_001 * DAY).unwrap();
+        assert_eq!(
+            (c.window(), c.remaining(), c.resets_at()),
+            (20_001, 2, 20_002 * DAY)
+        );
+        c.settle();
+    }
+
+    #[test]
+    fn dropping_a_charge_refunds_exactly_one() {
+        let q = map();
+        let a = q.charge_at("u", 5, 0).unwrap();
+        let b = q.charge_at("u", 5, 0).unwrap();
+        let c = q.charge_at("u", 5, 0).unwrap();
+        assert_eq!(q.status_at("u", 5, 0).remaining, 2);
+        drop(a);
+        assert_eq!(q.status_at("u", 5, 0).remaining, 3);
+        b.refund();
+        assert_eq!(q.status_at("u", 5, 0).remaining, 4);
+        c.settle();
+        assert_eq!(q.status_at("u", 5, 0).remaining, 4);
+        assert_eq!(q.raw("u"), Some((0, 1)));
+    }
+
+    #[test]
+    fn settled_charges_are_never_refunded() {
+        let q = map();
+        for _ in 0..4 {
+            q.charge_at("u", 4, 7).unwrap().settle();
+        }
+        assert_eq!(q.status_at("u", 4, 7).remaining, 0);
+        assert!(q.charge_at("u", 4, 7).is_err());
+        assert_eq!(q.raw("u"), Some((0, 4)));
+    }
+
+    #[test]
+    fn a_refund_after_rollover_is_a_no_op() {
+        let q = map();
+        let old = q.charge_at("u", 3, DAY - 1).unwrap();
+        let new1 = q.charge_at("u", 3, DAY).unwrap();
+        let new2 = q.charge_at("u", 3, DAY + 1).unwrap();
+        assert_eq!(new2.remaining(), 1);
+        drop(old);
+        assert_eq!(q.status_at("u", 3, DAY + 2).remaining, 1);
+        assert_eq!(q.raw("u"), Some((1, 2)));
+        new1.settle();
+        new2.settle();
+    }
+
+    #[test]
+    fn a_refund_never_goes_below_zero() {
+        // A refund for the current window can only follow its own deduction, but the entry
+        // guards the count anyway: a stray refund must not wrap to u32::MAX.
+        let q = map();
+        let c = q.charge_at("u", 3, 0).unwrap();
+        let entry = q
+            .shards
+            .iter()
+            .find_map(|s| s.read().unwrap().get("u").cloned())
+            .unwrap();
+        entry.refund(0);
+        entry.refund(0);
+        assert_eq!(q.raw("u"), Some((0, 0)));
+        c.settle();
+        assert_eq!(q.raw("u"), Some((0, 0)));
+    }
+
+    #[test]
+    fn a_clock_stepping_back_does_not_reopen_a_window() {
+        let q = map();
+        q.charge_at("u", 1, DAY).unwrap().settle();
+        // The wall clock steps back into the previous window: the newer window still holds.
+        let err = q.charge_at("u", 1, DAY - 1).unwrap_err();
+        assert_eq!(
+            err,
+            QuotaError::Exceeded {
+                limit: 1,
+                resets_at: 2 * DAY
+            }
+        );
+        assert_eq!(q.status_at("u", 1, DAY - 1).remaining, 0);
+    }
+
+    #[test]
+    fn limit_zero_refuses_everything() {
+        let q = map();
+        assert_eq!(
+            q.charge_at("u", 0, 5).unwrap_err(),
+            QuotaError::Exceeded {
+                limit: 0,
+                resets_at: DAY
+            }
+        );
+        assert!(q.is_empty(), "a refused ask stores nothing");
+        assert_eq!(
+            q.status_at("u", 0, 5),
+            QuotaStatus {
+                limit: 0,
+                remaining: 0,
+                resets_at: DAY
+            }
+        );
+    }
+
+    #[test]
+    fn each_call_is_judged_by_its_own_limit() {
+        let q = map();
+        for _ in 0..3 {
+            q.charge_at("u", 10, 0).unwrap().settle();
+        }
+        // The keys file now gives this user a lower limit than already used.
+        assert!(q.charge_at("u", 2, 0).is_err());
+        assert_eq!(q.status_at("u", 2, 0).remaining, 0);
+        assert_eq!(q.status_at("u", 10, 0).remaining, 7);
+        let c = q.charge_at("u", 4, 0).unwrap();
+        assert_eq!(c.remaining(), 0);
+        c.settle();
+    }
+
+    #[test]
+    fn users_are_independent() {
+        let q = map();
+        q.charge_at("a", 1, 0).unwrap().settle();
+        assert!(q.charge_at("a", 1, 0).is_err());
+        q.charge_at("b", 1, 0).unwrap().settle();
+        assert_eq!(q.status_at("nobody", 1, 0).remaining, 1);
+        assert_eq!(q.len(), 2, "status does not insert");
+    }
+
+    #[test]
+    fn sweep_removes_idle_users_only() {
+        let q = map();
+        for i in 0..200 {
+            q.charge_at(&format!("idle{i}"), 5, 3).unwrap().settle();
+        }
+        q.charge_at("active", 5, 3).unwrap().settle();
+        q.charge_at("active", 5, DAY + 3).unwrap().settle();
+        assert_eq!(q.len(), 201);
+
+        assert_eq!(
+            q.sweep_at(DAY - 1),
+            0,
+            "nothing is idle for a whole window yet"
+        );
+        assert_eq!(q.sweep_at(DAY + 4), 200);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.raw("active"), Some((1, 1)));
+        assert_eq!(q.status_at("idle7", 5, DAY + 4).remaining, 5);
+        assert_eq!(q.sweep_at(DAY + 5), 0);
+        assert_eq!(q.sweep_at(2 * DAY), 1);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_live_charge_on_a_swept_entry_is_harmless() {
+        let q = map();
+        let old = q.charge_at("u", 2, 10).unwrap();
+        assert_eq!(q.sweep_at(DAY), 1);
+        let new = q.charge_at("u", 2, DAY).unwrap();
+        drop(old);
+        assert_eq!(q.raw("u"), Some((1, 1)));
+        assert_eq!(q.status_at("u", 2, DAY).remaining, 1);
+        new.settle();
+    }
+
+    #[test]
+    fn concurrent_charges_never_overdraw() {
+        const THREADS: usize = 8;
+        const ATTEMPTS: usize = 250;
+        const LIMIT: u32 = 3000;
+        let n = (THREADS * ATTEMPTS) as u32;
+        for remaining in [0, 1, 17, n - 1, n, n + 1, LIMIT] {
+            let q = map();
+            for _ in 0..LIMIT - remaining {
+                q.charge_at("u", LIMIT, 0).unwrap().settle();
+            }
+            let admitted = AtomicUsize::new(0);
+            let start = Barrier::new(THREADS + 1);
+            std::thread::scope(|s| {
+                for _ in 0..THREADS {
+                    s.spawn(|| {
+                        start.wait();
+                        let mut held = Vec::new();
+                        for _ in 0..ATTEMPTS {
+                            if let Ok(c) = q.charge_at("u", LIMIT, 0) {
+                                held.push(c);
+                            }
+                        }
+                        admitted.fetch_add(held.len(), Ordering::Relaxed);
+                        held.into_iter().for_each(Charge::settle);
+                    });
+                }
+                // An observer racing the chargers: the count never passes the limit.
+                s.spawn(|| {
+                    start.wait();
+                    for _ in 0..20_000 {
+                        let (_, used) = q.raw("u").unwrap_or_default();
+                        assert!(used <= LIMIT, "overdraft: {used} > {LIMIT}");
+                    }
+                });
+            });
+            let expected = remaining.min(n);
+            assert_eq!(
+                admitted.load(Ordering::Relaxed),
+                expected as usize,
+                "R = {remaining}"
+            );
+            assert_eq!(q.raw("u").map(|r| r.1), Some(LIMIT - remaining + expected));
+        }
+    }
+
+    #[test]
+    fn racing_charges_and_refunds_leave_only_the_settled() {
+        const THREADS: usize = 8;
+        const ATTEMPTS: usize = 2000;
+        const LIMIT: u32 = 64;
+        let q = map();
+        let settled = AtomicUsize::new(0);
+        let admitted = AtomicUsize::new(0);
+        let start = Barrier::new(THREADS);
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let (q, settled, admitted, start) = (&q, &settled, &admitted, &start);
+                s.spawn(move || {
+                    start.wait();
+                    let mut held = Vec::new();
+                    for i in 0..ATTEMPTS {
+                        if let Ok(c) = q.charge_at("u", LIMIT, 0) {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                            assert!(c.remaining() < LIMIT);
+                            if (t + i) % 7 == 0 {
+                                settled.fetch_add(1, Ordering::Relaxed);
+                                c.settle();
+                            } else {
+                                held.push(c);
+                            }
+                        }
+                        // Refund in bursts so other threads meet both full and empty windows.
+                        if i % 5 == 4 {
+                            held.clear();
+                        }
+                    }
+                });
+            }
+        });
+        let settled = settled.load(Ordering::Relaxed) as u32;
+        assert!(settled > 0 && settled <= LIMIT);
+        assert!(admitted.load(Ordering::Relaxed) >= settled as usize);
+        assert_eq!(q.raw("u"), Some((0, settled)));
+    }
+
+    #[tokio::test]
+    async fn the_store_trait_uses_the_wall_clock() {
+        fn assert_send<T: Send>(t: T) -> T {
+            t
+        }
+        let q = map();
+        let user = UserId::new("u");
+        let before = unix_now();
+        let c = assert_send(QuotaStore::charge(&q, &user, 2)).await.unwrap();
+        assert_eq!(c.remaining(), 1);
+        assert!(c.resets_at() > before && c.resets_at() <= before + DAY + 1);
+        let s = QuotaStore::status(&q, &user, 2).await.unwrap();
+        assert_eq!(s.remaining, 1);
+        drop(c);
+        assert_eq!(QuotaStore::status(&q, &user, 2).await.unwrap().remaining, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_runs_until_cancelled() {
+        let q = Arc::new(QuotaMap::new(Duration::from_secs(60)));
+        // Charged two windows ago by the wall clock, so the next sweep finds it idle.
+        q.charge_at("idle", 1, unix_now() - 120).unwrap().settle();
+        let stop = CancellationToken::new();
+        let task = q.spawn_sweeper(Duration::from_secs(5), stop.clone());
+        for _ in 0..10 {
+            if q.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        assert!(q.is_empty());
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_ends_with_its_map() {
+        let q = Arc::new(map());
+        let task = q.spawn_sweeper(Duration::from_secs(1), CancellationToken::new());
+        drop(q);
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn rfc3339_known_dates() {
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (94_694_399, "1972-12-31T23:59:59Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (951_868_800, "2000-03-01T00:00:00Z"),
+            (1_709_210_096, "2024-02-29T12:34:56Z"),
+            (1_795_478_400, "2026-11-24T00:00:00Z"),
+            (2_147_483_648, "2038-01-19T03:14:08Z"),
+            (4_107_456_000, "2100-02-28T00:00:00Z"),
+            (4_107_542_400, "2100-03-01T00:00:00Z"),
+            (253_402_300_799, "9999-12-31T23:59:59Z"),
+        ] {
+            assert_eq!(rfc3339(secs), text, "{secs}");
+        }
+    }
+
+    #[test]
+    fn exceeded_reads_well() {
+        let e = QuotaError::Exceeded {
+            limit: 20,
+            resets_at: 1_795_478_400,
+        };
+        assert_eq!(
+            e.to_string(),
+            "quota of 20 asks per window used up; it resets at 2026-11-24T00:00:00Z"
+        );
+        assert_eq!(
+            QuotaError::Unavailable("down".into()).retry_after_secs(0),
+            None
+        );
     }
 }

@@ -101,7 +101,10 @@ pub struct Token {
 impl Token {
     /// A token for `text`, with its `token` event encoded now.
     pub fn new(text: &str) -> Self {
-        Token { text: Bytes::copy_from_slice(text.as_bytes()), frame: encode::token(text) }
+        Token {
+            text: Bytes::copy_from_slice(text.as_bytes()),
+            frame: encode::token(text),
+        }
     }
 
     /// Tokens for every piece of `texts`, all texts in one allocation and all frames in
@@ -120,7 +123,10 @@ impl Token {
         let mut out = Vec::with_capacity(ends.len());
         let (mut t0, mut f0) = (0, 0);
         for (t1, f1) in ends {
-            out.push(Token { text: text_all.slice(t0..t1), frame: frame_all.slice(f0..f1) });
+            out.push(Token {
+                text: text_all.slice(t0..t1),
+                frame: frame_all.slice(f0..f1),
+            });
             (t0, f0) = (t1, f1);
         }
         out
@@ -161,17 +167,26 @@ pub struct PipelineError {
 impl PipelineError {
     /// An upstream failure.
     pub fn upstream(message: impl Into<String>) -> Self {
-        PipelineError { kind: PipelineErrorKind::Upstream, message: message.into() }
+        PipelineError {
+            kind: PipelineErrorKind::Upstream,
+            message: message.into(),
+        }
     }
 
     /// An upstream timeout.
     pub fn timeout(message: impl Into<String>) -> Self {
-        PipelineError { kind: PipelineErrorKind::Timeout, message: message.into() }
+        PipelineError {
+            kind: PipelineErrorKind::Timeout,
+            message: message.into(),
+        }
     }
 
     /// A bug.
     pub fn internal(message: impl Into<String>) -> Self {
-        PipelineError { kind: PipelineErrorKind::Internal, message: message.into() }
+        PipelineError {
+            kind: PipelineErrorKind::Internal,
+            message: message.into(),
+        }
     }
 }
 

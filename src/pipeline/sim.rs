@@ -1,1 +1,656 @@
-//! Simulated generator. STUB — being implemented (issue 2 §6).
+//! The simulated generator: a deterministic, nearly free "model" for demos and load tests.
+//!
+//! It answers with the words of the retrieved passages, in rank order, with Markdown
+//! syntax stripped, so answers are on topic and the same query over the same corpus always
+//! streams the same tokens. Its whole cost is paid once, when the stream is created: every
+//! token frame is encoded into one shared buffer ([`Token::batch`]), so yielding a token
+//! moves a `Token` (two `Bytes` handles) out of a `Vec` and allocates nothing.
+//!
+//! Pacing uses absolute deadlines: token `i` is due at `start + ttft + i * token_interval`,
+//! where `start` is the moment [`Generator::generate`] is called (the model "receives the
+//! prompt" then, so a late first poll does not push the answer back). A consumer that falls
+//! behind gets the overdue tokens immediately and then continues on the original schedule;
+//! timer lateness never accumulates. One `Sleep` per stream is reset from deadline to
+//! deadline, and with no pacing at all the timer is never touched.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use futures_core::Stream;
+use tokio::time::{Instant, Sleep};
+
+use super::{Chunk, Generator, PipelineError, Prompt, Token, TokenStream, Usage};
+
+/// What the answer says when no passage was retrieved (repeated as needed).
+const FALLBACK: &str = "I found nothing in the corpus about that question.";
+
+/// Emitted (as its own token) each time the answer runs out of words and starts over.
+const SEPARATOR: &str = " —";
+
+/// Pacing and length of simulated answers (the `--sim-*` flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimConfig {
+    /// Delay from `generate()` to the first token.
+    pub ttft: Duration,
+    /// Delay between consecutive tokens (zero: as fast as the consumer reads).
+    pub token_interval: Duration,
+    /// Exact number of token events per answer.
+    pub tokens: u32,
+}
+
+impl Default for SimConfig {
+    /// The SPEC defaults: 150 ms to the first token, then one every 20 ms, 64 in all.
+    fn default() -> Self {
+        SimConfig {
+            ttft: Duration::from_millis(150),
+            token_interval: Duration::from_millis(20),
+            tokens: 64,
+        }
+    }
+}
+
+/// A [`Generator`] that streams an answer extracted from the retrieved passages.
+#[derive(Clone, Debug, Default)]
+pub struct SimGenerator {
+    config: SimConfig,
+}
+
+impl SimGenerator {
+    /// A generator with the given pacing and length.
+    pub fn new(config: SimConfig) -> Self {
+        SimGenerator { config }
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+}
+
+impl Generator for SimGenerator {
+    fn generate(&self, prompt: Prompt) -> TokenStream {
+        let tokens = answer_tokens(&prompt, self.config.tokens);
+        let SimConfig {
+            ttft,
+            token_interval,
+            ..
+        } = self.config;
+        // Without any delay there is nothing to schedule: skip even reading the clock.
+        let pacing = (!ttft.is_zero() || !token_interval.is_zero()).then(|| Pacing {
+            first: later(Instant::now(), ttft),
+            interval: token_interval,
+            sleep: None,
+        });
+        Box::pin(SimStream {
+            usage: Some(Usage {
+                prompt_tokens: None,
+                completion_tokens: Some(tokens.len() as u32),
+            }),
+            tokens: tokens.into_iter(),
+            next: 0,
+            pacing,
+        })
+    }
+}
+
+/// The exact tokens the sim streams for `prompt`: `n` of them, deterministic.
+///
+/// Words come from the passages in rank order, with Markdown syntax removed (heading and
+/// list markers, emphasis, backticks, link targets, table rules, code fences; a heading
+/// gets a full stop so it reads as a sentence). Each token is one word with its leading
+/// space, the first without, so concatenating the tokens reads as text. When the words
+/// run out before `n`, a `" —"` token follows and the words repeat from the start, as often
+/// as needed. With no passages (or none with any words) the words of a fixed sentence,
+/// "I found nothing in the corpus about that question.", are used the same way.
+///
+/// All texts and frames share two buffers (see [`Token::batch`]).
+pub fn answer_tokens(prompt: &Prompt, n: u32) -> Vec<Token> {
+    let n = n as usize;
+    if n == 0 {
+        return Vec::new();
+    }
+    // Every word is stored as " word" in one string; `ends[i]` is where word `i` ends and
+    // word `i`'s text is `words[ends[i - 1]..ends[i]]`. No allocation per word.
+    let mut words = String::with_capacity(n.min(1024) * 8);
+    let mut ends = Vec::with_capacity(n.min(1024));
+    for passage in prompt.passages.iter() {
+        if ends.len() >= n {
+            break;
+        }
+        push_plain_words(&passage.text, &mut words, &mut ends, n);
+    }
+    if ends.is_empty() {
+        push_plain_words(FALLBACK, &mut words, &mut ends, n);
+    }
+
+    let word = |i: usize| &words[if i == 0 { 0 } else { ends[i - 1] }..ends[i]];
+    let cycle = ends.len() + 1; // the words, then the separator
+    let texts: Vec<&str> = (0..n)
+        .map(|j| match j % cycle {
+            0 if j == 0 => &word(0)[1..], // the answer starts without a space
+            r if r == ends.len() => SEPARATOR,
+            r => word(r),
+        })
+        .collect();
+    Token::batch(texts.iter().copied())
+}
+
+/// Appends the plain-text words of Markdown `text` to `out` (each as `" word"`), recording
+/// each word's end in `ends`, until `ends` holds `limit` words.
+fn push_plain_words(text: &str, out: &mut String, ends: &mut Vec<usize>, limit: usize) {
+    for line in text.lines() {
+        let mut line = line.trim();
+        if line.starts_with("```") || line.starts_with("~~~") || is_rule(line) {
+            continue;
+        }
+        while let Some(rest) = line.strip_prefix('>') {
+            line = rest.trim_start();
+        }
+        let heading = line.starts_with('#');
+        if heading {
+            line = line.trim_start_matches('#').trim_start();
+            line = line.trim_end_matches('#').trim_end();
+        }
+        line = strip_list_marker(line);
+        let before = ends.len();
+        push_inline_words(line, out, ends, limit);
+        if ends.len() >= limit {
+            return;
+        }
+        // A heading runs straight into the next paragraph; a full stop keeps it readable.
+        if heading && ends.len() > before && out.ends_with(char::is_alphanumeric) {
+            out.push('.');
+            if let Some(end) = ends.last_mut() {
+                *end = out.len();
+            }
+        }
+    }
+}
+
+/// Words of one line with inline Markdown removed: backticks and `*` vanish, `[text](url)`
+/// and `![alt](url)` keep only their text, and markup-only words (`|`, `-`, `:---:`) go.
+fn push_inline_words(line: &str, out: &mut String, ends: &mut Vec<usize>, limit: usize) {
+    let mut word_start = None;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        let content = match c {
+            '`' | '*' | '[' => None,
+            '!' if chars.peek() == Some(&'[') => None,
+            ']' => {
+                if chars.peek() == Some(&'(') {
+                    skip_link_target(&mut chars);
+                }
+                None
+            }
+            c if c.is_whitespace() => {
+                finish_word(&mut word_start, out, ends);
+                if ends.len() >= limit {
+                    return;
+                }
+                None
+            }
+            c => Some(c),
+        };
+        if let Some(c) = content {
+            if word_start.is_none() {
+                out.push(' ');
+                word_start = Some(out.len());
+            }
+            out.push(c);
+        }
+    }
+    finish_word(&mut word_start, out, ends);
+}
+
+/// Skips `(…)` after a link's `]`, allowing nested parentheses inside the URL.
+fn skip_link_target(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) {
+    let mut depth = 0usize;
+    for c in chars.by_ref() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Ends the word being built: records it, or drops it (and its space) if it is only markup.
+fn finish_word(word_start: &mut Option<usize>, out: &mut String, ends: &mut Vec<usize>) {
+    let Some(start) = word_start.take() else {
+        return;
+    };
+    if out[start..]
+        .chars()
+        .all(|c| matches!(c, '|' | '-' | '+' | '>' | '#' | '=' | '~' | '_' | ':'))
+    {
+        out.truncate(start - 1);
+    } else {
+        ends.push(out.len());
+    }
+}
+
+/// `---`, `***`, `___` (thematic breaks) and `|---|:--:|` (table delimiter rows).
+fn is_rule(line: &str) -> bool {
+    line.len() >= 3
+        && line
+            .chars()
+            .all(|c| matches!(c, '-' | '*' | '_' | '=' | '|' | ':' | ' '))
+}
+
+fn strip_list_marker(line: &str) -> &str {
+    for marker in ["- ", "* ", "+ "] {
+        if let Some(rest) = line.strip_prefix(marker) {
+            return rest.trim_start();
+        }
+    }
+    let digits = line.len() - line.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    if digits > 0 {
+        let rest = &line[digits..];
+        if let Some(rest) = rest.strip_prefix(". ").or_else(|| rest.strip_prefix(") ")) {
+            return rest.trim_start();
+        }
+    }
+    line
+}
+
+/// `t + d`, saturating to about 30 years ahead instead of panicking on absurd settings.
+fn later(t: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
+    t.checked_add(d).unwrap_or_else(|| t + FAR)
+}
+
+/// The stream of one simulated answer: the prepared tokens, then one usage chunk.
+struct SimStream {
+    /// Remaining tokens; yielding one moves it out, which allocates nothing.
+    tokens: std::vec::IntoIter<Token>,
+    /// Index of the next token, which fixes its deadline.
+    next: u32,
+    /// `None` when ttft and interval are both zero: every token is due at once.
+    pacing: Option<Pacing>,
+    /// Sent after the last token; `None` once sent, which ends the stream.
+    usage: Option<Usage>,
+}
+
+/// When tokens are due, and the one timer that waits for them.
+struct Pacing {
+    /// Deadline of token 0 (`start + ttft`); token `i` is due `i * interval` later.
+    first: Instant,
+    interval: Duration,
+    /// Created at the first deadline that is still ahead, then reset, never recreated.
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl Pacing {
+    fn deadline(&self, i: u32) -> Instant {
+        match self.interval.checked_mul(i) {
+            Some(offset) => later(self.first, offset),
+            None => later(self.first, Duration::MAX),
+        }
+    }
+
+    /// Ready once token `i` is due. A deadline already passed returns at once without
+    /// registering a timer, which is how a late consumer catches up.
+    fn poll_due(&mut self, i: u32, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = self.deadline(i);
+        if deadline <= Instant::now() {
+            return Poll::Ready(());
+        }
+        let sleep = match &mut self.sleep {
+            Some(sleep) => {
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                sleep
+            }
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        sleep.as_mut().poll(cx)
+    }
+}
+
+impl Stream for SimStream {
+    type Item = Result<Chunk, PipelineError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.tokens.len() == 0 {
+            return Poll::Ready(this.usage.take().map(|u| Ok(Chunk::Usage(u))));
+        }
+        if let Some(pacing) = &mut this.pacing {
+            ready!(pacing.poll_due(this.next, cx));
+        }
+        this.next += 1;
+        Poll::Ready(this.tokens.next().map(|t| Ok(Chunk::Token(t))))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.tokens.len() + usize::from(self.usage.is_some());
+        (left, Some(left))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::sync::Arc;
+    use std::task::Waker;
+
+    use super::*;
+    use crate::pipeline::Passage;
+    use crate::pipeline::bm25::Bm25Index;
+
+    fn passage(id: &str, text: &str) -> Passage {
+        Passage {
+            id: id.into(),
+            title: "T".into(),
+            url: None,
+            score: 1.0,
+            text: text.into(),
+        }
+    }
+
+    fn prompt(texts: &[&str]) -> Prompt {
+        let passages: Vec<_> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| passage(&format!("p#{i}"), t))
+            .collect();
+        Prompt {
+            query: "q".into(),
+            passages: passages.into(),
+        }
+    }
+
+    fn joined(tokens: &[Token]) -> String {
+        tokens.iter().map(Token::text).collect()
+    }
+
+    async fn next(s: &mut TokenStream) -> Option<Result<Chunk, PipelineError>> {
+        poll_fn(|cx| s.as_mut().poll_next(cx)).await
+    }
+
+    /// Polls once with a waker that does nothing: what "ready right now" means.
+    fn poll_now(s: &mut TokenStream) -> Poll<Option<Result<Chunk, PipelineError>>> {
+        s.as_mut()
+            .poll_next(&mut Context::from_waker(Waker::noop()))
+    }
+
+    fn unpaced(tokens: u32) -> SimGenerator {
+        SimGenerator::new(SimConfig {
+            ttft: Duration::ZERO,
+            token_interval: Duration::ZERO,
+            tokens,
+        })
+    }
+
+    const SHORT: &str = "The north wind blows over the quiet harbour every winter morning.";
+
+    #[test]
+    fn exactly_n_tokens_even_beyond_the_passage_words() {
+        let p = prompt(&[SHORT]); // 11 words
+        for n in [1, 2, 11, 12, 13, 64, 1000] {
+            let t = answer_tokens(&p, n);
+            assert_eq!(t.len(), n as usize, "n = {n}");
+            assert!(t.iter().all(|t| !t.text().is_empty()));
+        }
+        assert!(answer_tokens(&p, 0).is_empty());
+        assert_eq!(
+            joined(&answer_tokens(&p, 14)),
+            "The north wind blows over the quiet harbour every winter morning. — The north"
+        );
+    }
+
+    #[test]
+    fn answers_are_deterministic() {
+        let p = prompt(&[SHORT, "Second passage here."]);
+        assert_eq!(answer_tokens(&p, 40), answer_tokens(&p, 40));
+        let texts = |chunks: Vec<Chunk>| -> Vec<String> {
+            chunks
+                .iter()
+                .filter_map(|c| {
+                    if let Chunk::Token(t) = c {
+                        Some(t.text().to_owned())
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        };
+        let a = texts(collect_now(unpaced(40).generate(p.clone())));
+        let b = texts(collect_now(unpaced(40).generate(p)));
+        assert_eq!(a.len(), 40);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn tokens_read_as_the_passage_text_in_rank_order() {
+        let p = prompt(&[
+            "# Heading one\n\nSome **bold** and `code` and a [link](https://x.org/a_(b)) here.\n\n\
+             - item *one*\n- item two\n\n| a | b |\n|---|:-:|\n| 1 | 2 |\n\n```sh\ncurl -N x\n```\n> quoted ![alt](i.png) text",
+            "---\nSecond passage.",
+        ]);
+        let t = answer_tokens(&p, 26);
+        assert_eq!(t[0].text(), "Heading");
+        assert_eq!(t[1].text(), " one.");
+        assert_eq!(
+            joined(&t),
+            "Heading one. Some bold and code and a link here. item one item two a b 1 2 \
+             curl -N x quoted alt text Second passage."
+        );
+    }
+
+    #[test]
+    fn no_passages_fall_back_to_a_fixed_sentence() {
+        for p in [prompt(&[]), prompt(&["---\n\n```\n```\n| - |"])] {
+            let t = answer_tokens(&p, 13);
+            assert_eq!(t.len(), 13);
+            assert_eq!(
+                joined(&t),
+                "I found nothing in the corpus about that question. — I found nothing"
+            );
+        }
+    }
+
+    #[test]
+    fn multi_byte_text_is_preserved() {
+        let text = "naïve café – 日本語 – Ωmega ✓ 🚀";
+        let t = answer_tokens(&prompt(&[text]), 8);
+        assert_eq!(joined(&t), text);
+        assert_eq!(t[3].text(), " 日本語");
+        let frame = std::str::from_utf8(t[3].frame()).unwrap();
+        assert_eq!(
+            frame,
+            "data: {\"type\":\"token\",\"token\":\" 日本語\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn frames_share_one_buffer() {
+        let t = answer_tokens(&prompt(&[SHORT]), 20);
+        for w in t.windows(2) {
+            let (a, b) = (w[0].frame(), w[1].frame());
+            assert_eq!(
+                a.as_ptr() as usize + a.len(),
+                b.as_ptr() as usize,
+                "frames are contiguous"
+            );
+        }
+    }
+
+    #[test]
+    fn builtin_corpus_answer_starts_with_the_top_passage() {
+        let index = Bm25Index::builtin();
+        let passages = index.search("how are quotas refunded", 4);
+        let top = passages[0].text.clone();
+        let first_word = top
+            .split_whitespace()
+            .find(|w| w.chars().any(char::is_alphanumeric));
+        let p = Prompt {
+            query: "how are quotas refunded".into(),
+            passages: Arc::from(passages),
+        };
+        let t = answer_tokens(&p, 64);
+        assert_eq!(t.len(), 64);
+        assert_eq!(Some(t[0].text()), first_word);
+    }
+
+    /// Drains a stream that must never wait (no pacing), without any runtime: creating a
+    /// timer here would panic, which proves unpaced streams never touch it.
+    fn collect_now(mut s: TokenStream) -> Vec<Chunk> {
+        let mut out = Vec::new();
+        loop {
+            match poll_now(&mut s) {
+                Poll::Ready(Some(Ok(c))) => out.push(c),
+                Poll::Ready(None) => return out,
+                other => panic!("unpaced stream not ready: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unpaced_stream_never_waits_and_ends_with_usage() {
+        let s = unpaced(100).generate(prompt(&[SHORT]));
+        assert_eq!(s.size_hint(), (101, Some(101)));
+        let chunks = collect_now(s);
+        assert_eq!(chunks.len(), 101);
+        let text: String = chunks[..100]
+            .iter()
+            .map(|c| match c {
+                Chunk::Token(t) => t.text(),
+                Chunk::Usage(_) => panic!("usage before the last token"),
+            })
+            .collect();
+        assert_eq!(text, joined(&answer_tokens(&prompt(&[SHORT]), 100)));
+        match &chunks[100] {
+            Chunk::Usage(u) => assert_eq!(
+                *u,
+                Usage {
+                    prompt_tokens: None,
+                    completion_tokens: Some(100)
+                }
+            ),
+            Chunk::Token(_) => panic!("the last chunk must be usage"),
+        }
+    }
+
+    #[test]
+    fn ended_stream_stays_ended() {
+        let mut s = unpaced(1).generate(prompt(&[SHORT]));
+        assert!(matches!(
+            poll_now(&mut s),
+            Poll::Ready(Some(Ok(Chunk::Token(_))))
+        ));
+        assert!(matches!(
+            poll_now(&mut s),
+            Poll::Ready(Some(Ok(Chunk::Usage(_))))
+        ));
+        assert!(matches!(poll_now(&mut s), Poll::Ready(None)));
+        assert!(matches!(poll_now(&mut s), Poll::Ready(None)));
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn paced(ttft: u64, interval: u64, tokens: u32) -> SimGenerator {
+        SimGenerator::new(SimConfig {
+            ttft: ms(ttft),
+            token_interval: ms(interval),
+            tokens,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_arrive_at_absolute_deadlines() {
+        let start = Instant::now();
+        let mut s = paced(150, 20, 10).generate(prompt(&[SHORT]));
+        for i in 0..10u64 {
+            assert!(matches!(next(&mut s).await, Some(Ok(Chunk::Token(_)))));
+            assert_eq!(start.elapsed(), ms(150 + 20 * i), "token {i}");
+            // A consumer that takes 7 ms per token is slower than instant but within the
+            // interval: every token must still land on its own deadline, no drift.
+            tokio::time::sleep(ms(7)).await;
+        }
+        assert!(matches!(next(&mut s).await, Some(Ok(Chunk::Usage(_)))));
+        assert!(next(&mut s).await.is_none());
+        assert_eq!(
+            start.elapsed(),
+            ms(150 + 20 * 9 + 7),
+            "usage and end do not wait"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_consumer_catches_up_without_shifting_later_tokens() {
+        let start = Instant::now();
+        let mut s = paced(150, 20, 10).generate(prompt(&[SHORT]));
+        for _ in 0..3 {
+            next(&mut s).await; // tokens 0..=2, the last at 190 ms
+        }
+        assert_eq!(start.elapsed(), ms(190));
+        tokio::time::sleep(ms(75)).await; // now 265 ms: tokens 3, 4, 5 (210, 230, 250) are overdue
+        for i in 3..6 {
+            let ready = poll_now(&mut s);
+            assert!(
+                matches!(ready, Poll::Ready(Some(Ok(Chunk::Token(_))))),
+                "overdue token {i} is ready at once"
+            );
+        }
+        assert_eq!(start.elapsed(), ms(265));
+        // Token 6 keeps its original deadline (270 ms), not "265 + 20".
+        assert!(poll_now(&mut s).is_pending());
+        next(&mut s).await;
+        assert_eq!(start.elapsed(), ms(270));
+        next(&mut s).await;
+        assert_eq!(start.elapsed(), ms(290));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_count_from_generate_not_from_the_first_poll() {
+        let start = Instant::now();
+        let mut s = paced(100, 10, 3).generate(prompt(&[SHORT]));
+        tokio::time::sleep(ms(40)).await;
+        next(&mut s).await;
+        assert_eq!(start.elapsed(), ms(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ttft_only_then_every_token_at_once() {
+        let start = Instant::now();
+        let mut s = paced(150, 0, 5).generate(prompt(&[SHORT]));
+        assert!(poll_now(&mut s).is_pending());
+        next(&mut s).await;
+        assert_eq!(start.elapsed(), ms(150));
+        for _ in 1..5 {
+            assert!(matches!(
+                poll_now(&mut s),
+                Poll::Ready(Some(Ok(Chunk::Token(_))))
+            ));
+        }
+        assert!(matches!(
+            poll_now(&mut s),
+            Poll::Ready(Some(Ok(Chunk::Usage(_))))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_ttft_paced_stream_starts_immediately() {
+        let start = Instant::now();
+        let mut s = paced(0, 20, 3).generate(prompt(&[SHORT]));
+        assert!(matches!(
+            poll_now(&mut s),
+            Poll::Ready(Some(Ok(Chunk::Token(_))))
+        ));
+        next(&mut s).await;
+        next(&mut s).await;
+        assert_eq!(start.elapsed(), ms(40));
+    }
+}

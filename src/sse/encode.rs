@@ -44,12 +44,21 @@ struct TokenEvent<'a> {
 
 /// The `token` event for one piece of generated text.
 pub fn token(text: &str) -> Bytes {
-    data(&TokenEvent { kind: "token", token: text })
+    data(&TokenEvent {
+        kind: "token",
+        token: text,
+    })
 }
 
 /// Appends the `token` event for `text` to `buf` (see [`data_into`]).
 pub fn token_into(buf: &mut BytesMut, text: &str) {
-    data_into(buf, &TokenEvent { kind: "token", token: text });
+    data_into(
+        buf,
+        &TokenEvent {
+            kind: "token",
+            token: text,
+        },
+    );
 }
 
 /// The `error` event: `{"type":"error","code":…,"message":…}`.
@@ -75,7 +84,10 @@ mod tests {
 
     #[test]
     fn token_frame_is_one_data_line() {
-        assert_eq!(&token(" north")[..], b"data: {\"type\":\"token\",\"token\":\" north\"}\n\n");
+        assert_eq!(
+            &token(" north")[..],
+            b"data: {\"type\":\"token\",\"token\":\" north\"}\n\n"
+        );
     }
 
     #[test]

@@ -1,0 +1,747 @@
+//! The per-ask driver: runs the pipeline for one charged ask and decides, exactly once,
+//! whether the charge is kept or refunded.
+//!
+//! Both modes share one loop, [`drive`], that races the generator against everything that
+//! can end an answer early; they differ only in where tokens go (a [`Sink`]):
+//!
+//! - **streaming**: each token's pre-encoded frame goes into the [`SseSender`]; the answer
+//!   counts as delivered when the body yields the `done` frame to hyper;
+//! - **JSON**: tokens are concatenated; the answer counts as delivered when the response
+//!   body yields the JSON document ([`JsonBody`]).
+//!
+//! The [`Charge`] is owned here and consumed on exactly one path: settled on delivery,
+//! refunded otherwise — also when the pipeline panics (the panic is caught per ask) and,
+//! as a last resort, by `Charge`'s own `Drop`.
+
+use std::convert::Infallible;
+use std::future::{Future, poll_fn};
+use std::panic::AssertUnwindSafe;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, sleep_until};
+
+use crate::auth::UserId;
+use crate::error::{ApiError, ErrorCode};
+use crate::pipeline::{
+    Chunk, Generator, Passage, PipelineError, PipelineErrorKind, Prompt, Retriever, Token, Usage,
+};
+use crate::quota::Charge;
+use crate::shutdown::Shutdown;
+use crate::sse::body::{Delivery, SseSender, TrySendError};
+use crate::sse::encode;
+
+/// What an answer needs from the server: the pipeline, the clocks, the shutdown signal.
+pub(crate) struct Pipeline {
+    pub retriever: Arc<dyn Retriever>,
+    pub generator: Arc<dyn Generator>,
+    pub shutdown: Shutdown,
+    pub ttft_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub heartbeat: Duration,
+    pub slow_client: Duration,
+}
+
+/// One admitted ask: validated, identified, charged.
+pub(crate) struct Ask {
+    pub id: QueryId,
+    pub query: Arc<str>,
+    pub top_k: usize,
+    pub user: UserId,
+    /// When the request reached the service; TTFT and total time count from here.
+    pub received: Instant,
+}
+
+/// A unique, URL-safe, 128-bit query id: 32 lowercase hex digits.
+///
+/// The high half is random per process, the low half a counter passed through a
+/// bijective mixer, so ids never repeat within a process, are unlikely to repeat across
+/// processes, and cost no system call.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QueryId([u8; 32]);
+
+impl QueryId {
+    /// The next id.
+    pub fn next() -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        static SEED: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+        let (prefix, key) = *SEED.get_or_init(|| (random_u64(), random_u64()));
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let value = (u128::from(prefix) << 64) | u128::from(mix64(n ^ key));
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            let nibble = (value >> (124 - 4 * i)) & 0xf;
+            *byte = b"0123456789abcdef"[nibble as usize];
+        }
+        QueryId(out)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for QueryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for QueryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QueryId({})", self.as_str())
+    }
+}
+
+/// 64 random bits from the OS-seeded keys of std's `RandomState` (no extra dependency;
+/// only used to seed query ids).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0x9e37_79b9_7f4a_7c15);
+    h.finish()
+}
+
+/// SplitMix64's finalizer: a bijection on u64, so distinct counters give distinct ids.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// How the pipeline part of an answer ended.
+enum End {
+    /// The generator finished: the answer can be completed.
+    Complete {
+        passages: Arc<[Passage]>,
+        usage: Usage,
+    },
+    /// The client went away.
+    Disconnected,
+    /// The answer failed; the client gets this error.
+    Failed(ApiError),
+}
+
+/// Counters an answer keeps for its `done` event and its log line.
+#[derive(Default)]
+struct Stats {
+    tokens: u32,
+    first_token: Option<Instant>,
+}
+
+/// Where tokens go: the SSE channel or the JSON answer text.
+trait Sink {
+    /// Hands a token on, waiting for room; `Err` ends the answer.
+    fn token(&mut self, token: &Token) -> impl Future<Output = Result<(), End>>;
+    /// Sends a heartbeat if it fits now (skipped while the buffer is full).
+    fn heartbeat(&mut self);
+    /// Whether heartbeats mean anything for this sink.
+    fn wants_heartbeat(&self) -> bool;
+}
+
+struct StreamSink<'a> {
+    tx: &'a SseSender,
+    slow_client: Duration,
+}
+
+impl Sink for StreamSink<'_> {
+    async fn token(&mut self, token: &Token) -> Result<(), End> {
+        match self.tx.try_send(token.frame().clone()) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Disconnected) => Err(End::Disconnected),
+            // The client is behind: wait for room, but not forever. The timer exists only
+            // on this slow path.
+            Err(TrySendError::Full(frame)) => {
+                match tokio::time::timeout(self.slow_client, self.tx.send(frame)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(End::Disconnected),
+                    Err(_) => Err(End::Failed(slow_client(self.slow_client))),
+                }
+            }
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        let _ = self.tx.try_send(encode::KEEP_ALIVE);
+    }
+
+    fn wants_heartbeat(&self) -> bool {
+        true
+    }
+}
+
+struct JsonSink {
+    answer: String,
+}
+
+impl Sink for JsonSink {
+    async fn token(&mut self, token: &Token) -> Result<(), End> {
+        self.answer.push_str(token.text());
+        Ok(())
+    }
+
+    fn heartbeat(&mut self) {}
+
+    fn wants_heartbeat(&self) -> bool {
+        false
+    }
+}
+
+/// The deadlines one answer watches, kept as instants so a token costs two stores and
+/// no timer reset: the single timer is re-armed only when it fires.
+struct Deadlines {
+    received: Instant,
+    ttft_timeout: Duration,
+    idle_timeout: Duration,
+    heartbeat: Option<Duration>,
+    /// Last chunk from the generator; `None` until the first.
+    last_chunk: Option<Instant>,
+    /// Last frame sent to the client, heartbeats included.
+    last_event: Instant,
+}
+
+impl Deadlines {
+    fn generator_deadline(&self) -> Instant {
+        match self.last_chunk {
+            None => self.received + self.ttft_timeout,
+            Some(t) => t + self.idle_timeout,
+        }
+    }
+
+    fn next(&self) -> Instant {
+        let g = self.generator_deadline();
+        match self.heartbeat {
+            Some(h) => g.min(self.last_event + h),
+            None => g,
+        }
+    }
+}
+
+/// Runs retrieval and generation for one ask, sending tokens into `sink`, until the
+/// generator ends or something ends the answer first.
+async fn drive<S: Sink>(
+    p: &Pipeline,
+    ask: &Ask,
+    sink: &mut S,
+    gone: impl Future<Output = ()>,
+    stats: &mut Stats,
+) -> End {
+    let mut gone = pin!(gone);
+    let mut stop = pin!(p.shutdown.stopped());
+    let first_deadline = ask.received + p.ttft_timeout;
+
+    // Retrieval can end in four ways: the client leaves, the server stops, the first-token
+    // deadline passes, or the retriever answers.
+    let passages: Arc<[Passage]> = tokio::select! {
+        biased;
+        () = &mut gone => return End::Disconnected,
+        () = &mut stop => return End::Failed(shutting_down()),
+        () = sleep_until(first_deadline) => return End::Failed(no_first_token(p.ttft_timeout)),
+        r = p.retriever.retrieve(&ask.query, ask.top_k) => match r {
+            Ok(found) => found.into(),
+            Err(e) => return End::Failed(pipeline_error(e)),
+        },
+    };
+
+    let mut tokens = p.generator.generate(Prompt {
+        query: ask.query.clone(),
+        passages: passages.clone(),
+    });
+    let mut usage = Usage::default();
+    let mut clock = Deadlines {
+        received: ask.received,
+        ttft_timeout: p.ttft_timeout,
+        idle_timeout: p.idle_timeout,
+        heartbeat: sink.wants_heartbeat().then_some(p.heartbeat),
+        last_chunk: None,
+        last_event: Instant::now(),
+    };
+    let mut timer = pin!(sleep_until(clock.next()));
+
+    loop {
+        // What can happen while the answer runs:
+        // - the client goes away (the body was dropped): stop, refund;
+        // - the grace period after a shutdown signal ends: SHUTTING_DOWN, refund;
+        // - the generator yields a token, reports usage, fails, or finishes;
+        // - the timer fires: first-token or idle deadline passed, or a heartbeat is due.
+        tokio::select! {
+            biased;
+            () = &mut gone => return End::Disconnected,
+            () = &mut stop => return End::Failed(shutting_down()),
+            item = poll_fn(|cx| tokens.as_mut().poll_next(cx)) => {
+                let now = Instant::now();
+                match item {
+                    Some(Ok(Chunk::Token(t))) => {
+                        if let Err(end) = sink.token(&t).await {
+                            return end;
+                        }
+                        stats.tokens += 1;
+                        stats.first_token.get_or_insert(now);
+                        clock.last_event = now;
+                    }
+                    Some(Ok(Chunk::Usage(u))) => usage = u,
+                    Some(Err(e)) => return End::Failed(pipeline_error(e)),
+                    None => return End::Complete { passages, usage },
+                }
+                clock.last_chunk = Some(now);
+            }
+            () = &mut timer => {
+                let now = Instant::now();
+                if now >= clock.generator_deadline() {
+                    return End::Failed(match clock.last_chunk {
+                        None => no_first_token(p.ttft_timeout),
+                        Some(_) => stalled(p.idle_timeout),
+                    });
+                }
+                if clock.heartbeat.is_some_and(|h| now >= clock.last_event + h) {
+                    sink.heartbeat();
+                    clock.last_event = now;
+                }
+                timer.as_mut().reset(clock.next());
+            }
+        }
+    }
+}
+
+/// Streams one answer into `tx`; owns the charge and settles or refunds it exactly once.
+pub(crate) async fn stream(
+    p: Arc<Pipeline>,
+    ask: Ask,
+    charge: Charge,
+    permit: OwnedSemaphorePermit,
+    tx: SseSender,
+) {
+    let mut stats = Stats::default();
+    let end = {
+        let mut sink = StreamSink {
+            tx: &tx,
+            slow_client: p.slow_client,
+        };
+        catch_unwind(drive(&p, &ask, &mut sink, tx.closed(), &mut stats)).await
+    };
+    let outcome = match end {
+        End::Complete { passages, usage } => {
+            let done = done_frame(&ask, &passages, charge.remaining(), usage, &stats);
+            deliver_done(&p, tx, done).await
+        }
+        End::Disconnected => Outcome::Disconnected,
+        End::Failed(err) => {
+            fail_stream(tx, &err);
+            Outcome::Failed(err.code)
+        }
+    };
+    let refunded = outcome != Outcome::Done;
+    if refunded {
+        charge.refund()
+    } else {
+        charge.settle()
+    }
+    log_finished(&ask, "stream", outcome, &stats, refunded);
+    drop(permit);
+}
+
+/// Hands the `done` frame over and waits to learn whether the body yielded it.
+async fn deliver_done(p: &Pipeline, tx: SseSender, done: Bytes) -> Outcome {
+    let ended_early = {
+        let delivered = async {
+            if tx.send_last(done).await.is_err() {
+                return Delivery::NotDelivered;
+            }
+            tx.delivered().await
+        };
+        // Waiting for delivery can end three ways: the body yields `done` (or is dropped),
+        // the client stops reading for too long, or the server stops.
+        tokio::select! {
+            d = delivered => return match d {
+                Delivery::Delivered => Outcome::Done,
+                Delivery::NotDelivered => Outcome::Disconnected,
+            },
+            () = tokio::time::sleep(p.slow_client) => slow_client(p.slow_client),
+            () = p.shutdown.stopped() => shutting_down(),
+        }
+    };
+    // Too late to finish: cut the stream, unless the body yielded `done` in the meantime.
+    match tx.abort(ended_early.to_event()) {
+        Delivery::Delivered => Outcome::Done,
+        Delivery::NotDelivered => Outcome::Failed(ended_early.code),
+    }
+}
+
+/// Ends a stream with an error event. Tokens already queued go first when there is room;
+/// a client that is not reading, or a server that must stop, gets the error in their place.
+fn fail_stream(tx: SseSender, err: &ApiError) {
+    let frame = err.to_event();
+    let cut = matches!(err.code, ErrorCode::SlowClient | ErrorCode::ShuttingDown);
+    if cut {
+        tx.abort(frame);
+        return;
+    }
+    if let Err(TrySendError::Full(frame)) = tx.try_send(frame) {
+        tx.abort(frame);
+    }
+    // Dropping `tx` ends the stream after the error frame.
+}
+
+/// Runs one answer to completion for JSON mode. On success, the returned body settles the
+/// charge when hyper takes the document; dropping it unsent refunds.
+pub(crate) async fn json(
+    p: Arc<Pipeline>,
+    ask: Ask,
+    charge: Charge,
+    permit: OwnedSemaphorePermit,
+) -> Result<JsonBody, ApiError> {
+    let mut stats = Stats::default();
+    let mut sink = JsonSink {
+        answer: String::new(),
+    };
+    // In JSON mode hyper drops this whole future when the client leaves, which drops the
+    // charge (a refund); there is no channel to watch.
+    let end = catch_unwind(drive(
+        &p,
+        &ask,
+        &mut sink,
+        std::future::pending(),
+        &mut stats,
+    ))
+    .await;
+    match end {
+        End::Complete { passages, usage } => {
+            let body = JsonAnswer {
+                query_id: ask.id.as_str(),
+                answer: &sink.answer,
+                sources: sources(&passages),
+                quota_remaining: charge.remaining(),
+                usage: usage_json(usage, &stats),
+                timing: timing(&ask, &stats),
+            };
+            let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+            Ok(JsonBody {
+                bytes: Some(bytes),
+                pending: Some(Pending {
+                    charge,
+                    permit,
+                    ask,
+                    stats,
+                }),
+            })
+        }
+        End::Disconnected => {
+            drop(charge);
+            log_finished(&ask, "json", Outcome::Disconnected, &stats, true);
+            Err(ApiError::new(ErrorCode::Internal, "the client went away"))
+        }
+        End::Failed(err) => {
+            drop(charge);
+            log_finished(&ask, "json", Outcome::Failed(err.code), &stats, true);
+            drop(permit);
+            Err(err)
+        }
+    }
+}
+
+/// What a JSON answer still owes until hyper takes the document.
+struct Pending {
+    charge: Charge,
+    permit: OwnedSemaphorePermit,
+    ask: Ask,
+    stats: Stats,
+}
+
+/// A JSON answer's body: one frame. Yielding it settles the charge; dropping it before
+/// that refunds (the client left while the document was ready but unsent).
+pub struct JsonBody {
+    bytes: Option<Bytes>,
+    pending: Option<Pending>,
+}
+
+impl JsonBody {
+    fn finish(&mut self, delivered: bool) {
+        if let Some(Pending {
+            charge,
+            permit,
+            ask,
+            stats,
+        }) = self.pending.take()
+        {
+            let outcome = if delivered {
+                Outcome::Done
+            } else {
+                Outcome::Disconnected
+            };
+            if delivered {
+                charge.settle()
+            } else {
+                charge.refund()
+            }
+            log_finished(&ask, "json", outcome, &stats, !delivered);
+            drop(permit);
+        }
+    }
+
+    /// The document's length, for `content-length`.
+    pub fn len(&self) -> usize {
+        self.bytes.as_ref().map_or(0, Bytes::len)
+    }
+
+    /// Whether the document has been handed over already.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_none()
+    }
+}
+
+impl Body for JsonBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let frame = self.bytes.take();
+        if frame.is_some() {
+            self.finish(true);
+        }
+        Poll::Ready(frame.map(|b| Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len() as u64)
+    }
+}
+
+impl Drop for JsonBody {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+impl std::fmt::Debug for JsonBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonBody")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+/// How an answer ended, for the log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    Disconnected,
+    Failed(ErrorCode),
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Disconnected => "disconnected",
+            Outcome::Failed(code) => code.as_str(),
+        }
+    }
+}
+
+fn log_finished(ask: &Ask, mode: &str, outcome: Outcome, stats: &Stats, refunded: bool) {
+    let ttft_ms = stats.first_token.map(|t| ms(t - ask.received));
+    tracing::info!(
+        query_id = %ask.id,
+        user = %ask.user,
+        mode,
+        outcome = outcome.as_str(),
+        ttft_ms,
+        tokens = stats.tokens,
+        refunded,
+        "ask finished"
+    );
+}
+
+/// Polls a future, turning a panic inside it into an `INTERNAL` failure of this ask only.
+async fn catch_unwind(fut: impl Future<Output = End>) -> End {
+    let mut fut = pin!(fut);
+    poll_fn(
+        |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                tracing::error!("the answer pipeline panicked");
+                Poll::Ready(End::Failed(ApiError::new(
+                    ErrorCode::Internal,
+                    "the answer pipeline failed",
+                )))
+            }
+        },
+    )
+    .await
+}
+
+fn pipeline_error(e: PipelineError) -> ApiError {
+    let code = match e.kind {
+        PipelineErrorKind::Upstream => ErrorCode::UpstreamError,
+        PipelineErrorKind::Timeout => ErrorCode::UpstreamTimeout,
+        PipelineErrorKind::Internal => ErrorCode::Internal,
+    };
+    ApiError::new(code, e.message)
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        ErrorCode::ShuttingDown,
+        "the server is shutting down; this ask was refunded",
+    )
+}
+
+fn slow_client(after: Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::SlowClient,
+        format!(
+            "the stream was not read for {} s; this ask was refunded",
+            after.as_secs()
+        ),
+    )
+}
+
+fn no_first_token(after: Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::UpstreamTimeout,
+        format!("no first token within {} ms", after.as_millis()),
+    )
+}
+
+fn stalled(after: Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::UpstreamTimeout,
+        format!("the generator was silent for {} ms", after.as_millis()),
+    )
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+#[derive(Serialize)]
+struct SourceJson<'a> {
+    id: &'a str,
+    title: &'a str,
+    score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UsageJson {
+    completion_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens: Option<u32>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TimingJson {
+    ttft_ms: Option<f64>,
+    total_ms: f64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DoneEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    query_id: &'a str,
+    sources: Vec<SourceJson<'a>>,
+    quota_remaining: u32,
+    usage: UsageJson,
+    timing: TimingJson,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonAnswer<'a> {
+    query_id: &'a str,
+    answer: &'a str,
+    sources: Vec<SourceJson<'a>>,
+    quota_remaining: u32,
+    usage: UsageJson,
+    timing: TimingJson,
+}
+
+fn sources(passages: &[Passage]) -> Vec<SourceJson<'_>> {
+    passages
+        .iter()
+        .map(|p| SourceJson {
+            id: &p.id,
+            title: &p.title,
+            score: p.score,
+            url: p.url.as_deref(),
+        })
+        .collect()
+}
+
+fn usage_json(usage: Usage, stats: &Stats) -> UsageJson {
+    UsageJson {
+        completion_tokens: usage.completion_tokens.unwrap_or(stats.tokens),
+        prompt_tokens: usage.prompt_tokens,
+    }
+}
+
+fn timing(ask: &Ask, stats: &Stats) -> TimingJson {
+    TimingJson {
+        ttft_ms: stats.first_token.map(|t| ms(t - ask.received)),
+        total_ms: ms(ask.received.elapsed()),
+    }
+}
+
+fn done_frame(
+    ask: &Ask,
+    passages: &[Passage],
+    remaining: u32,
+    usage: Usage,
+    stats: &Stats,
+) -> Bytes {
+    encode::data(&DoneEvent {
+        kind: "done",
+        query_id: ask.id.as_str(),
+        sources: sources(passages),
+        quota_remaining: remaining,
+        usage: usage_json(usage, stats),
+        timing: timing(ask, stats),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_ids_are_unique_hex() {
+        let ids: std::collections::HashSet<_> = (0..10_000).map(|_| QueryId::next()).collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(10) {
+            assert_eq!(id.as_str().len(), 32);
+            assert!(
+                id.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
+        }
+    }
+
+    #[test]
+    fn mixer_is_a_bijection_on_samples() {
+        let outs: std::collections::HashSet<_> = (0..100_000u64).map(mix64).collect();
+        assert_eq!(outs.len(), 100_000);
+    }
+}

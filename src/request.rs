@@ -1,0 +1,260 @@
+//! From an HTTP request to a typed ask: mode, content type, a size-limited body, JSON rules.
+//!
+//! Everything here answers "is this request well-formed?" and nothing else; each check
+//! returns an [`ApiError`] with the SPEC's code, so the service can refuse before any
+//! quota is touched.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Uri, header};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+
+use crate::error::{ApiError, ErrorCode};
+
+/// Longest accepted query, in characters after trimming.
+pub const MAX_QUERY_CHARS: usize = 4000;
+/// `topK` when the request does not say.
+pub const DEFAULT_TOP_K: usize = 4;
+/// Largest accepted `topK`.
+pub const MAX_TOP_K: usize = 20;
+
+/// A validated ask.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AskRequest {
+    /// The question, trimmed, 1..=4000 characters.
+    pub query: Arc<str>,
+    /// How many passages to retrieve, 1..=20.
+    pub top_k: usize,
+}
+
+/// Reads `?stream=`: `true`/`1` streams, absent/`false`/`0` answers as JSON.
+pub fn stream_mode(uri: &Uri) -> Result<bool, ApiError> {
+    let mut mode = false;
+    for pair in uri.query().unwrap_or("").split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key != "stream" {
+            continue;
+        }
+        mode = match value {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(bad_request(
+                    "`stream` must be true, false, 1 or 0".to_string(),
+                ));
+            }
+        };
+    }
+    Ok(mode)
+}
+
+/// Refuses a `content-type` that is present and is not JSON (`application/json` or any
+/// `+json` type, parameters such as `charset` allowed).
+pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match essence {
+        Some(e)
+            if e == "application/json"
+                || (e.starts_with("application/") && e.ends_with("+json")) =>
+        {
+            Ok(())
+        }
+        _ => Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "the request body must be JSON (content-type: application/json)",
+        )),
+    }
+}
+
+/// Reads the whole body, refusing more than `max` bytes while reading (a declared length
+/// over the limit is refused before reading anything) and a body slower than `timeout`.
+pub async fn read_body<B>(body: B, max: u64, timeout: Duration) -> Result<Bytes, ApiError>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if body.size_hint().lower() > max {
+        return Err(too_large(max));
+    }
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await;
+    match collected {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large(max)),
+        Ok(Err(_)) => Err(bad_request(
+            "the request body could not be read".to_string(),
+        )),
+        Err(_) => Err(bad_request(format!(
+            "the request body did not arrive within {} s",
+            timeout.as_secs()
+        ))),
+    }
+}
+
+/// The JSON body as sent; validated into [`AskRequest`] by [`parse_ask`].
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawAsk {
+    query: Option<serde_json::Value>,
+    top_k: Option<serde_json::Value>,
+}
+
+/// Parses `{"query": "...", "topK": n}`; unknown fields are ignored.
+pub fn parse_ask(body: &[u8]) -> Result<AskRequest, ApiError> {
+    let raw: RawAsk = serde_json::from_slice(body)
+        .map_err(|e| bad_request(format!("the body is not a valid ask: {e}")))?;
+    let query = match raw.query {
+        Some(serde_json::Value::String(q)) => q,
+        Some(_) => return Err(bad_request("`query` must be a string".to_string())),
+        None => return Err(bad_request("`query` is required".to_string())),
+    };
+    let trimmed = query.trim();
+    if trimmed.is_empty() {
+        return Err(bad_request("`query` must not be empty".to_string()));
+    }
+    let chars = trimmed.chars().count();
+    if chars > MAX_QUERY_CHARS {
+        return Err(bad_request(format!(
+            "`query` has {chars} characters; at most {MAX_QUERY_CHARS} are allowed"
+        )));
+    }
+    let top_k = match raw.top_k {
+        None | Some(serde_json::Value::Null) => DEFAULT_TOP_K,
+        Some(v) => match v.as_u64() {
+            Some(k @ 1..=20) => k as usize,
+            _ => {
+                return Err(bad_request(format!(
+                    "`topK` must be an integer from 1 to {MAX_TOP_K}"
+                )));
+            }
+        },
+    };
+    Ok(AskRequest {
+        query: Arc::from(trimmed),
+        top_k,
+    })
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError::new(ErrorCode::BadRequest, message)
+}
+
+fn too_large(max: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("the request body is larger than {max} bytes"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    fn uri(s: &str) -> Uri {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn stream_values() {
+        assert_eq!(stream_mode(&uri("/a")), Ok(false));
+        assert_eq!(stream_mode(&uri("/a?stream=true")), Ok(true));
+        assert_eq!(stream_mode(&uri("/a?x=1&stream=1")), Ok(true));
+        assert_eq!(stream_mode(&uri("/a?stream=false")), Ok(false));
+        assert_eq!(stream_mode(&uri("/a?stream=0")), Ok(false));
+        for bad in ["/a?stream=yes", "/a?stream=", "/a?stream", "/a?stream=TRUE"] {
+            assert_eq!(
+                stream_mode(&uri(bad)).unwrap_err().code,
+                ErrorCode::BadRequest,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_types() {
+        let mut h = HeaderMap::new();
+        assert!(check_content_type(&h).is_ok(), "absent is fine");
+        for ok in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/vnd.ask+json",
+        ] {
+            h.insert(header::CONTENT_TYPE, ok.parse().unwrap());
+            assert!(check_content_type(&h).is_ok(), "{ok}");
+        }
+        for bad in ["text/plain", "application/x-www-form-urlencoded", "json"] {
+            h.insert(header::CONTENT_TYPE, bad.parse().unwrap());
+            assert_eq!(
+                check_content_type(&h).unwrap_err().code,
+                ErrorCode::UnsupportedMediaType
+            );
+        }
+    }
+
+    #[test]
+    fn ask_rules() {
+        let ok = parse_ask(br#"{"query":"  why? ","extra":[1]}"#).unwrap();
+        assert_eq!((&*ok.query, ok.top_k), ("why?", DEFAULT_TOP_K));
+        assert_eq!(parse_ask(br#"{"query":"q","topK":20}"#).unwrap().top_k, 20);
+        assert_eq!(
+            parse_ask(br#"{"query":"q","topK":null}"#).unwrap().top_k,
+            DEFAULT_TOP_K
+        );
+        let long_ok = format!(r#"{{"query":"{}"}}"#, "é".repeat(MAX_QUERY_CHARS));
+        assert!(
+            parse_ask(long_ok.as_bytes()).is_ok(),
+            "limit counts characters, not bytes"
+        );
+        let bad: &[&[u8]] = &[
+            b"",
+            b"{",
+            b"[]",
+            b"{}",
+            br#"{"query":5}"#,
+            br#"{"query":"   "}"#,
+            br#"{"query":"q","topK":0}"#,
+            br#"{"query":"q","topK":21}"#,
+            br#"{"query":"q","topK":2.5}"#,
+            br#"{"query":"q","topK":"3"}"#,
+            br#"{"query":"q","topK":-1}"#,
+        ];
+        for b in bad {
+            let e = parse_ask(b).unwrap_err();
+            assert_eq!(
+                e.code,
+                ErrorCode::BadRequest,
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
+        let too_long = format!(r#"{{"query":"{}"}}"#, "a".repeat(MAX_QUERY_CHARS + 1));
+        assert_eq!(
+            parse_ask(too_long.as_bytes()).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+    }
+
+    #[tokio::test]
+    async fn body_limits() {
+        let d = Duration::from_secs(1);
+        let body = Full::new(Bytes::from_static(b"12345"));
+        assert_eq!(read_body(body, 5, d).await.unwrap(), "12345");
+        let body = Full::new(Bytes::from_static(b"123456"));
+        assert_eq!(
+            read_body(body, 5, d).await.unwrap_err().code,
+            ErrorCode::PayloadTooLarge
+        );
+    }
+}

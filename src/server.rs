@@ -1,0 +1,180 @@
+//! The accept loop: sockets in, hyper connections out, and the shutdown sequence.
+//!
+//! Each accepted socket gets `TCP_NODELAY` (a token frame must not wait for Nagle),
+//! TCP keepalive and `TCP_USER_TIMEOUT` (a peer that vanished without FIN or RST is found
+//! and its ask refunded within `--dead-peer-secs`), then one task serving HTTP/1.1 or h2c
+//! (prior knowledge), whichever the client speaks.
+
+use std::future::Future;
+use std::io;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::quota::{QuotaMap, QuotaStore};
+use crate::service::{AskService, StartupError};
+
+/// How long connections get to flush their final events after the grace period, before
+/// the server exits regardless.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
+
+/// Builds the service from `config` with the embedded defaults, sweeps idle quota entries,
+/// and serves `listener` until `signal` resolves; then drains (see [`serve`]).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    signal: impl Future<Output = ()>,
+) -> Result<(), StartupError> {
+    let quota = Arc::new(QuotaMap::new(config.quota_window));
+    let service = AskService::builder(config).quota(quota.clone()).build()?;
+    if service.config().keys.is_none() {
+        tracing::warn!(
+            "no --keys file: open mode, the user is the bearer token or else the client IP"
+        );
+    }
+    let stop_sweeper = CancellationToken::new();
+    let sweep_every = service.config().quota_window.min(Duration::from_secs(60));
+    let sweeper = quota.spawn_sweeper(sweep_every, stop_sweeper.clone());
+    serve(listener, service, signal).await;
+    stop_sweeper.cancel();
+    let _ = sweeper.await;
+    Ok(())
+}
+
+/// Serves `listener` with `service` until `signal` resolves, then shuts down gracefully:
+/// stop accepting and start draining; give answers in flight `--shutdown-grace-secs`;
+/// then end the rest with `SHUTTING_DOWN` (refunded) and return.
+pub async fn serve<Q: QuotaStore>(
+    listener: TcpListener,
+    service: AskService<Q>,
+    signal: impl Future<Output = ()>,
+) {
+    let config = service.config().clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout())
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "listening (HTTP/1.1 and h2c)");
+    }
+
+    let mut signal = pin!(signal);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut signal => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = tune(&stream, &config) {
+            tracing::debug!(%peer, error = %e, "could not tune socket");
+        }
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service.with_peer(peer))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    service.shutdown().drain();
+    tracing::info!(
+        connections = graceful.count(),
+        answers = service.in_flight(),
+        grace_secs = config.shutdown_grace_secs,
+        "shutting down: draining"
+    );
+    let mut closed = pin!(graceful.shutdown());
+    if tokio::time::timeout(config.shutdown_grace(), &mut closed)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            answers = service.in_flight(),
+            "grace period over: ending the answers still running"
+        );
+        service.shutdown().stop();
+        if tokio::time::timeout(FINAL_FLUSH, &mut closed)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close; exiting anyway");
+        }
+    }
+    // Refunds happen in the answer tasks; let them land before returning.
+    service.shutdown().stop();
+    let _ = tokio::time::timeout(FINAL_FLUSH, service.answers_finished()).await;
+    tracing::info!("shut down");
+}
+
+/// Sets the per-socket options the SPEC requires.
+fn tune(stream: &TcpStream, config: &Config) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(stream);
+    let dead = config.dead_peer();
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time((dead / 2).max(Duration::from_secs(1)))
+        .with_interval((dead / 6).max(Duration::from_secs(1)))
+        .with_retries(3);
+    sock.set_tcp_keepalive(&keepalive)?;
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    sock.set_tcp_user_timeout(Some(dead))?;
+    Ok(())
+}
+
+/// Accept errors are per-connection (the peer gave up) or resource exhaustion (out of
+/// file descriptors). For the latter, back off so the loop does not spin.
+async fn accept_failed(e: io::Error) {
+    let exhausted =
+        matches!(e.raw_os_error(), Some(23 | 24)) || e.kind() == io::ErrorKind::OutOfMemory;
+    if exhausted {
+        tracing::warn!(error = %e, "accept failed: out of resources; pausing 100 ms");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    } else {
+        tracing::debug!(error = %e, "accept failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_are_tuned() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let config = Config { dead_peer_secs: 12, ..Config::default() };
+        tune(&server, &config).unwrap();
+        assert!(server.nodelay().unwrap());
+        let sock = socket2::SockRef::from(&server);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(6));
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(12))
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! Graceful shutdown in two steps: *drain*, then *stop*.
+//!
+//! Draining stops new work: the accept loop ends, `/healthz` turns 503, new asks are
+//! refused with `SHUTTING_DOWN`, and connections close once their response is done.
+//! Answers already streaming keep going. When the grace period runs out the server
+//! *stops*: every answer still running ends with a `SHUTTING_DOWN` event and is refunded.
+
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+/// The shutdown state shared by the accept loop, the service and every answer.
+///
+/// Cheap to clone; all clones see the same state.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    drain: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl Shutdown {
+    /// A server that is running normally.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts draining: no new asks, `/healthz` 503. Idempotent.
+    pub fn drain(&self) {
+        self.drain.cancel();
+    }
+
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    /// Resolves when draining starts.
+    pub fn draining(&self) -> WaitForCancellationFuture<'_> {
+        self.drain.cancelled()
+    }
+
+    /// The grace period is over: answers still running must end now. Implies draining.
+    pub fn stop(&self) {
+        self.drain.cancel();
+        self.stop.cancel();
+    }
+
+    /// Whether answers have been told to stop.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Resolves when answers must stop. Answers keep this pinned in their `select!`.
+    pub fn stopped(&self) -> WaitForCancellationFuture<'_> {
+        self.stop.cancelled()
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM (SIGINT only on non-Unix platforms).
+///
+/// # Panics
+/// If the signal handlers cannot be installed, which happens only outside a Tokio runtime.
+pub async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stop_implies_drain_and_wakes_waiters() {
+        let s = Shutdown::new();
+        assert!(!s.is_draining() && !s.is_stopped());
+        s.drain();
+        assert!(s.is_draining() && !s.is_stopped());
+        s.draining().await;
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move { s.stopped().await })
+        };
+        s.stop();
+        waiter.await.unwrap();
+        assert!(s.is_stopped());
+    }
+}
