@@ -321,17 +321,30 @@ pub(crate) async fn stream(
     permit: OwnedSemaphorePermit,
     tx: SseSender,
 ) {
-    let mut stats = Stats::default();
+    let mut answer = Settlement::new("stream", ask, charge, permit);
     let end = {
         let mut sink = StreamSink {
             tx: &tx,
             slow_client: p.slow_client,
         };
-        catch_unwind(drive(&p, &ask, &mut sink, tx.closed(), &mut stats)).await
+        catch_unwind(drive(
+            &p,
+            &answer.ask,
+            &mut sink,
+            tx.closed(),
+            &mut answer.stats,
+        ))
+        .await
     };
     let outcome = match end {
         End::Complete { passages, usage } => {
-            let done = done_frame(&ask, &passages, charge.remaining(), usage, &stats);
+            let done = done_frame(
+                &answer.ask,
+                &passages,
+                answer.remaining(),
+                usage,
+                &answer.stats,
+            );
             deliver_done(&p, tx, done).await
         }
         End::Disconnected => Outcome::Disconnected,
@@ -340,14 +353,7 @@ pub(crate) async fn stream(
             Outcome::Failed(err.code)
         }
     };
-    let refunded = outcome != Outcome::Done;
-    if refunded {
-        charge.refund()
-    } else {
-        charge.settle()
-    }
-    log_finished(&ask, "stream", outcome, &stats, refunded);
-    drop(permit);
+    answer.finish(outcome);
 }
 
 /// Hands the `done` frame over and waits to learn whether the body yielded it.
@@ -394,100 +400,119 @@ fn fail_stream(tx: SseSender, err: &ApiError) {
 
 /// Runs one answer to completion for JSON mode. On success, the returned body settles the
 /// charge when hyper takes the document; dropping it unsent refunds.
+///
+/// When the client leaves while the answer is generated, hyper drops this future, and
+/// with it the [`Settlement`], which refunds and logs the disconnect.
 pub(crate) async fn json(
     p: Arc<Pipeline>,
     ask: Ask,
     charge: Charge,
     permit: OwnedSemaphorePermit,
 ) -> Result<JsonBody, ApiError> {
-    let mut stats = Stats::default();
+    let mut answer = Settlement::new("json", ask, charge, permit);
     let mut sink = JsonSink {
         answer: String::new(),
     };
-    // In JSON mode hyper drops this whole future when the client leaves, which drops the
-    // charge (a refund); there is no channel to watch.
-    let end = catch_unwind(drive(
-        &p,
-        &ask,
-        &mut sink,
-        std::future::pending(),
-        &mut stats,
-    ))
-    .await;
+    let gone = std::future::pending();
+    let end = catch_unwind(drive(&p, &answer.ask, &mut sink, gone, &mut answer.stats)).await;
     match end {
         End::Complete { passages, usage } => {
-            let body = JsonAnswer {
-                query_id: ask.id.as_str(),
+            let doc = JsonAnswer {
+                query_id: answer.ask.id.as_str(),
                 answer: &sink.answer,
                 sources: sources(&passages),
-                quota_remaining: charge.remaining(),
-                usage: usage_json(usage, &stats),
-                timing: timing(&ask, &stats),
+                quota_remaining: answer.remaining(),
+                usage: usage_json(usage, &answer.stats),
+                timing: timing(&answer.ask, &answer.stats),
             };
-            let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+            let bytes = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
             Ok(JsonBody {
                 bytes: Some(bytes),
-                pending: Some(Pending {
-                    charge,
-                    permit,
-                    ask,
-                    stats,
-                }),
+                answer: Some(answer),
             })
         }
         End::Disconnected => {
-            drop(charge);
-            log_finished(&ask, "json", Outcome::Disconnected, &stats, true);
+            answer.finish(Outcome::Disconnected);
             Err(ApiError::new(ErrorCode::Internal, "the client went away"))
         }
         End::Failed(err) => {
-            drop(charge);
-            log_finished(&ask, "json", Outcome::Failed(err.code), &stats, true);
-            drop(permit);
+            answer.finish(Outcome::Failed(err.code));
             Err(err)
         }
     }
 }
 
-/// What a JSON answer still owes until hyper takes the document.
-struct Pending {
-    charge: Charge,
-    permit: OwnedSemaphorePermit,
+/// An admitted answer's obligations: its charge, its `--max-streams` permit, and its log
+/// line. [`finish`](Settlement::finish) settles the charge for a delivered answer and
+/// refunds it otherwise; dropping an unfinished settlement (a future dropped by hyper, a
+/// panic outside the pipeline) refunds and logs a disconnect. Either way, exactly once.
+struct Settlement {
+    mode: &'static str,
     ask: Ask,
     stats: Stats,
+    charge: Option<Charge>,
+    /// Held only so the answer counts against `--max-streams` until it is settled.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Settlement {
+    fn new(mode: &'static str, ask: Ask, charge: Charge, permit: OwnedSemaphorePermit) -> Self {
+        Settlement {
+            mode,
+            ask,
+            stats: Stats::default(),
+            charge: Some(charge),
+            _permit: permit,
+        }
+    }
+
+    /// The caller's remaining quota after this ask, for the `done` event.
+    fn remaining(&self) -> u32 {
+        self.charge.as_ref().map_or(0, Charge::remaining)
+    }
+
+    fn finish(mut self, outcome: Outcome) {
+        self.settle(outcome);
+    }
+
+    fn settle(&mut self, outcome: Outcome) {
+        let Some(charge) = self.charge.take() else {
+            return;
+        };
+        let refunded = outcome != Outcome::Done;
+        if refunded {
+            charge.refund();
+        } else {
+            charge.settle();
+        }
+        let ttft_ms = self.stats.first_token.map(|t| ms(t - self.ask.received));
+        tracing::info!(
+            query_id = %self.ask.id,
+            user = %self.ask.user,
+            mode = self.mode,
+            outcome = outcome.as_str(),
+            ttft_ms,
+            tokens = self.stats.tokens,
+            refunded,
+            "ask finished"
+        );
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        self.settle(Outcome::Disconnected);
+    }
 }
 
 /// A JSON answer's body: one frame. Yielding it settles the charge; dropping it before
 /// that refunds (the client left while the document was ready but unsent).
 pub struct JsonBody {
     bytes: Option<Bytes>,
-    pending: Option<Pending>,
+    answer: Option<Settlement>,
 }
 
 impl JsonBody {
-    fn finish(&mut self, delivered: bool) {
-        if let Some(Pending {
-            charge,
-            permit,
-            ask,
-            stats,
-        }) = self.pending.take()
-        {
-            let outcome = if delivered {
-                Outcome::Done
-            } else {
-                Outcome::Disconnected
-            };
-            if delivered {
-                charge.settle()
-            } else {
-                charge.refund()
-            }
-            log_finished(&ask, "json", outcome, &stats, !delivered);
-            drop(permit);
-        }
-    }
-
     /// The document's length, for `content-length`.
     pub fn len(&self) -> usize {
         self.bytes.as_ref().map_or(0, Bytes::len)
@@ -508,8 +533,10 @@ impl Body for JsonBody {
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let frame = self.bytes.take();
-        if frame.is_some() {
-            self.finish(true);
+        if frame.is_some()
+            && let Some(answer) = self.answer.take()
+        {
+            answer.finish(Outcome::Done);
         }
         Poll::Ready(frame.map(|b| Ok(Frame::data(b))))
     }
@@ -520,12 +547,6 @@ impl Body for JsonBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.len() as u64)
-    }
-}
-
-impl Drop for JsonBody {
-    fn drop(&mut self) {
-        self.finish(false);
     }
 }
 
@@ -553,20 +574,6 @@ impl Outcome {
             Outcome::Failed(code) => code.as_str(),
         }
     }
-}
-
-fn log_finished(ask: &Ask, mode: &str, outcome: Outcome, stats: &Stats, refunded: bool) {
-    let ttft_ms = stats.first_token.map(|t| ms(t - ask.received));
-    tracing::info!(
-        query_id = %ask.id,
-        user = %ask.user,
-        mode,
-        outcome = outcome.as_str(),
-        ttft_ms,
-        tokens = stats.tokens,
-        refunded,
-        "ask finished"
-    );
 }
 
 /// Polls a future, turning a panic inside it into an `INTERNAL` failure of this ask only.

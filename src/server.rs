@@ -165,7 +165,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let config = Config { dead_peer_secs: 12, ..Config::default() };
+        let config = Config {
+            dead_peer_secs: 12,
+            ..Config::default()
+        };
         tune(&server, &config).unwrap();
         assert!(server.nodelay().unwrap());
         let sock = socket2::SockRef::from(&server);
