@@ -15,13 +15,14 @@ use tokio::task::JoinHandle;
 
 /// A config for tests: instant sim, small and fast everything.
 pub fn fast_config() -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.sim_ttft_ms = 0;
-    c.sim_token_ms = 0;
-    c.sim_tokens = 8;
-    c.shutdown_grace_secs = 5;
-    c
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        sim_ttft_ms: 0,
+        sim_token_ms: 0,
+        sim_tokens: 8,
+        shutdown_grace_secs: 5,
+        ..Config::default()
+    }
 }
 
 /// A running server.
@@ -49,7 +50,12 @@ impl TestServer {
             })
             .await
         });
-        TestServer { addr, service, stop: Some(stop), task: Some(task) }
+        TestServer {
+            addr,
+            service,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Sends the shutdown signal and returns the serve task, to await its end.
@@ -81,7 +87,10 @@ pub struct Head {
 
 impl Head {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -95,7 +104,10 @@ impl RawConn {
     pub async fn connect(addr: SocketAddr) -> RawConn {
         let stream = TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
-        RawConn { stream, buf: Vec::new() }
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
@@ -112,7 +124,8 @@ impl RawConn {
     }
 
     pub async fn get(&mut self, path: &str, extra: &str) {
-        self.send(format!("GET {path} HTTP/1.1\r\nhost: test\r\n{extra}\r\n").as_bytes()).await;
+        self.send(format!("GET {path} HTTP/1.1\r\nhost: test\r\n{extra}\r\n").as_bytes())
+            .await;
     }
 
     /// Reads more bytes; returns false on EOF or a reset.
@@ -133,7 +146,14 @@ impl RawConn {
                 let text = String::from_utf8(self.buf[..end].to_vec()).unwrap();
                 self.buf.drain(..end + 4);
                 let mut lines = text.split("\r\n");
-                let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+                let status = lines
+                    .next()
+                    .unwrap()
+                    .split(' ')
+                    .nth(1)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 let headers = lines
                     .map(|l| {
                         let (k, v) = l.split_once(':').unwrap();
@@ -142,7 +162,10 @@ impl RawConn {
                     .collect();
                 return Head { status, headers };
             }
-            assert!(self.fill().await, "connection closed before the response head");
+            assert!(
+                self.fill().await,
+                "connection closed before the response head"
+            );
         }
     }
 
@@ -188,12 +211,17 @@ impl RawConn {
 
     /// Reads whatever the response body is (chunked or sized).
     pub async fn read_body(&mut self, head: &Head) -> Vec<u8> {
-        if head.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        if head
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+        {
             let (body, complete) = self.read_chunked_body().await;
             assert!(complete, "chunked body ended early");
             body
         } else {
-            let len = head.header("content-length").map_or(0, |v| v.parse().unwrap());
+            let len = head
+                .header("content-length")
+                .map_or(0, |v| v.parse().unwrap());
             self.read_exact_body(len).await
         }
     }
@@ -229,7 +257,11 @@ pub fn parse_sse(body: &[u8]) -> (Vec<Value>, Vec<String>) {
 
 /// The concatenated `token` events.
 pub fn answer_text(events: &[Value]) -> String {
-    events.iter().filter(|e| e["type"] == "token").map(|e| e["token"].as_str().unwrap()).collect()
+    events
+        .iter()
+        .filter(|e| e["type"] == "token")
+        .map(|e| e["token"].as_str().unwrap())
+        .collect()
 }
 
 /// Posts an ask and reads the whole response (head + body) on a fresh connection.
@@ -244,15 +276,52 @@ pub async fn ask(addr: SocketAddr, path: &str, body: &str, extra: &str) -> (Head
 /// A streaming ask with the given bearer token; returns head and events.
 pub async fn stream_ask(addr: SocketAddr, query: &str, bearer: &str) -> (Head, Vec<Value>) {
     let body = serde_json::json!({ "query": query }).to_string();
-    let (head, raw) = ask(addr, "/api/v1/ai/ask?stream=true", &body, &format!("authorization: Bearer {bearer}\r\n")).await;
+    let (head, raw) = ask(
+        addr,
+        "/api/v1/ai/ask?stream=true",
+        &body,
+        &format!("authorization: Bearer {bearer}\r\n"),
+    )
+    .await;
     (head, parse_sse(&raw).0)
 }
 
 /// GET /api/v1/quota for a bearer token.
 pub async fn quota(addr: SocketAddr, bearer: &str) -> Value {
     let mut c = RawConn::connect(addr).await;
-    c.get("/api/v1/quota", &format!("authorization: Bearer {bearer}\r\n")).await;
+    c.get(
+        "/api/v1/quota",
+        &format!("authorization: Bearer {bearer}\r\n"),
+    )
+    .await;
     let head = c.read_head().await;
     assert_eq!(head.status, 200);
     serde_json::from_slice(&c.read_body(&head).await).unwrap()
+}
+
+impl RawConn {
+    /// Connects from a chosen local address (on Linux every 127.0.0.0/8 address is
+    /// loopback), so a test can act as a second client IP.
+    pub async fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> RawConn {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(local, 0)).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl RawConn {
+    /// Wraps an already connected stream (e.g. one made with `TcpSocket` to set buffer
+    /// sizes before connecting).
+    pub fn from_stream(stream: TcpStream) -> RawConn {
+        stream.set_nodelay(true).unwrap();
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
 }
