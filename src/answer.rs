@@ -293,6 +293,11 @@ async fn drive<S: Sink>(
                     Some(Err(e)) => return End::Failed(pipeline_error(e)),
                     None => return End::Complete { passages, usage },
                 }
+                // The timer is re-armed lazily (it fires early, then moves on), which is
+                // sound only while deadlines move later. The first chunk swaps the
+                // first-token deadline for the idle deadline, which can be earlier: re-arm
+                // once here, or an idle timeout shorter than the TTFT timeout would wait
+                // for the TTFT deadline (or the next heartbeat) instead.
                 clock.last_chunk = Some(now);
             }
             () = &mut timer => {

@@ -29,6 +29,8 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Handlers first: from here on SIGTERM means a graceful shutdown, never a kill.
+        let signal = askstream::shutdown::signal();
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -36,7 +38,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match askstream::run(config, listener, askstream::shutdown::signal()).await {
+        match askstream::run(config, listener, signal).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("askstream: {e}");

@@ -54,24 +54,33 @@ impl Shutdown {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM (SIGINT only on non-Unix platforms).
+/// Installs SIGINT and SIGTERM handlers now, and returns a future that resolves on the
+/// first of them (SIGINT only on non-Unix platforms).
+///
+/// The handlers are installed when this is called, not when the future is first polled,
+/// so a signal that arrives right after the server starts listening is never lost.
 ///
 /// # Panics
-/// If the signal handlers cannot be installed, which happens only outside a Tokio runtime.
-pub async fn signal() {
+/// If called outside a Tokio runtime with signal handling enabled.
+pub fn signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        let term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        let int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+        async move {
+            let (mut term, mut int) = (term, int);
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

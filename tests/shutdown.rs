@@ -1,0 +1,566 @@
+//! Graceful shutdown (SPEC §1.3, §2): drain, grace period, stop, refunds, exit code —
+//! against the real server over real sockets, and the real binary for the signal.
+//!
+//! The in-process tests run under a paused Tokio clock (see `tests/timing.rs`): the
+//! grace period and the answers' pacing are Tokio timers, so they pass at once and in
+//! a fixed order.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use askstream::Config;
+use askstream::auth::UserId;
+use askstream::quota::QuotaStore;
+use serde_json::{Value, json};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+const QUERY: &str = "how does graceful shutdown work";
+
+fn config(f: impl FnOnce(&mut Config)) -> Config {
+    let mut c = fast_config();
+    f(&mut c);
+    c
+}
+
+fn ask_body(query: &str) -> String {
+    json!({ "query": query }).to_string()
+}
+
+fn bearer(user: &str) -> String {
+    format!("authorization: Bearer {user}\r\n")
+}
+
+/// The data events of an SSE body, insisting on the wire format (`data: <json>\n\n`
+/// frames, `: keep-alive\n\n` comments, nothing else). Comments are dropped.
+fn events(body: &[u8]) -> Vec<Value> {
+    let text = std::str::from_utf8(body).expect("the stream is UTF-8");
+    assert!(
+        text.is_empty() || text.ends_with("\n\n"),
+        "the last frame is complete: {text:?}"
+    );
+    text.split_terminator("\n\n")
+        .filter(|frame| *frame != ": keep-alive")
+        .map(|frame| {
+            let json = frame
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data frame: {frame:?}"));
+            assert!(!json.contains('\n'), "one line per event: {frame:?}");
+            serde_json::from_str(json).expect("each event is one JSON value")
+        })
+        .collect()
+}
+
+fn count(events: &[Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["type"] == kind).count()
+}
+
+fn assert_error_event(e: &Value, code: &str) {
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["code"], code, "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+}
+
+/// Opens a streaming ask and reads its head (200: charged, answer running).
+async fn open_stream(addr: SocketAddr, user: &str) -> RawConn {
+    let mut c = RawConn::connect(addr).await;
+    c.post(
+        "/api/v1/ai/ask?stream=true",
+        &ask_body(QUERY),
+        &bearer(user),
+    )
+    .await;
+    let head = c.read_head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-type"), Some("text/event-stream"));
+    c
+}
+
+/// Reads a stream's body to its terminating chunk and returns the events.
+async fn finish_stream(c: &mut RawConn) -> Vec<Value> {
+    let (body, complete) = c.read_chunked_body().await;
+    assert!(complete, "the chunked body ends with its last chunk");
+    events(&body)
+}
+
+/// The user's remaining quota, read from the service's own store (works after the
+/// server has stopped listening).
+async fn remaining_in_store(server: &TestServer, user: &str, limit: u32) -> u32 {
+    server
+        .service
+        .quota()
+        .status(&UserId::from_secret(user), limit)
+        .await
+        .expect("the in-memory store answers")
+        .remaining
+}
+
+/// Awaits the serve task; the bound is far beyond the grace period and the final flush,
+/// so under a paused clock it only fires if `serve` never returns.
+async fn serve_returns(task: tokio::task::JoinHandle<()>) {
+    tokio::time::timeout(Duration::from_secs(3600), task)
+        .await
+        .expect("serve returns after shutdown")
+        .expect("serve does not panic");
+}
+
+/// Tries a whole ask on a new connection; `Some(status)` if any response head came back.
+/// A refused connect, a reset, or EOF before any response byte is `None`.
+async fn try_ask(addr: SocketAddr, user: &str) -> Option<u16> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let body = ask_body(QUERY);
+    let req = format!(
+        "POST /api/v1/ai/ask?stream=true HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n{}content-length: {}\r\n\r\n{body}",
+        bearer(user),
+        body.len()
+    );
+    // The write may succeed into a connection the kernel then resets.
+    let _ = stream.write_all(req.as_bytes()).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        if got.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    if got.is_empty() {
+        return None;
+    }
+    let head = String::from_utf8_lossy(&got);
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
+    assert!(status.is_some(), "an unparseable response: {head:?}");
+    status
+}
+
+// ---------------------------------------------------------------------------------------
+// In-process server
+// ---------------------------------------------------------------------------------------
+
+/// After the signal, new connections are refused while the answers in flight run to
+/// their end: every token, `done`, charges kept; then `serve` returns.
+#[tokio::test(start_paused = true)]
+async fn draining_refuses_new_connections_and_lets_live_streams_finish() {
+    const STREAMS: usize = 5;
+    const TOKENS: usize = 20;
+    let limit = 20;
+    let mut server = TestServer::start(config(|c| {
+        c.sim_tokens = TOKENS as u32;
+        c.sim_token_ms = 100;
+        c.shutdown_grace_secs = 30;
+        c.quota_limit = limit;
+    }))
+    .await;
+    let user = "drain";
+
+    let mut conns = Vec::new();
+    for _ in 0..STREAMS {
+        conns.push(open_stream(server.addr, user).await);
+    }
+    let charged = quota(server.addr, user).await;
+    assert_eq!(charged["remaining"], limit as usize - STREAMS);
+
+    let serve = server.signal_shutdown();
+
+    // A newcomer cannot get an answer: its connection is never accepted (refused, or
+    // reset when the listener closes with it still in the backlog).
+    let newcomer = tokio::time::timeout(Duration::from_secs(3600), try_ask(server.addr, user))
+        .await
+        .expect("the new connection is refused or reset");
+    assert_eq!(
+        newcomer, None,
+        "no response on a new connection after the signal"
+    );
+
+    for c in &mut conns {
+        let events = finish_stream(c).await;
+        assert_eq!(count(&events, "token"), TOKENS, "every token");
+        assert_eq!(events.len(), TOKENS + 1);
+        assert_eq!(events.last().unwrap()["type"], "done");
+        // Keep-alive is off once draining: the connection closes after the answer.
+        let rest = tokio::time::timeout(Duration::from_secs(3600), c.read_to_eof())
+            .await
+            .expect("the connection closes after its answer");
+        assert!(rest.is_empty(), "nothing after the answer");
+    }
+
+    serve_returns(serve).await;
+    assert_eq!(
+        remaining_in_store(&server, user, limit).await,
+        limit - STREAMS as u32,
+        "delivered answers keep their charge"
+    );
+}
+
+/// Answers still running when the grace period ends get `SHUTTING_DOWN` as their last
+/// event and are refunded; `serve` returns.
+#[tokio::test(start_paused = true)]
+async fn answers_still_running_after_the_grace_period_end_with_shutting_down() {
+    const STREAMS: usize = 3;
+    let limit = 20;
+    let mut server = TestServer::start(config(|c| {
+        // A model that would think for an hour.
+        c.sim_ttft_ms = 3_600_000;
+        c.ttft_timeout_ms = 7_200_000;
+        c.shutdown_grace_secs = 1;
+        c.quota_limit = limit;
+    }))
+    .await;
+    let user = "grace";
+
+    let mut conns = Vec::new();
+    for _ in 0..STREAMS {
+        conns.push(open_stream(server.addr, user).await);
+    }
+    assert_eq!(
+        quota(server.addr, user).await["remaining"],
+        limit as usize - STREAMS
+    );
+
+    let serve = server.signal_shutdown();
+    for c in &mut conns {
+        let events = finish_stream(c).await;
+        assert_eq!(events.len(), 1, "no token, just the error: {events:?}");
+        assert_error_event(&events[0], "SHUTTING_DOWN");
+    }
+    serve_returns(serve).await;
+    assert_eq!(
+        remaining_in_store(&server, user, limit).await,
+        limit,
+        "every cut answer refunded"
+    );
+}
+
+/// `/healthz` is 200 `ok` while serving and 503 once draining starts — on a keep-alive
+/// connection opened before, and on a new one; new asks are refused with `SHUTTING_DOWN`
+/// (and not charged) while the accept loop still runs.
+#[tokio::test(start_paused = true)]
+async fn healthz_turns_503_while_draining() {
+    let mut server = TestServer::start(fast_config()).await;
+    let user = "health";
+
+    let mut kept = RawConn::connect(server.addr).await;
+    kept.get("/healthz", "").await;
+    let head = kept.read_head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(kept.read_body(&head).await, b"ok\n");
+
+    server.service.shutdown().drain();
+
+    kept.get("/healthz", "").await;
+    let head = kept.read_head().await;
+    assert_eq!(head.status, 503, "on the existing keep-alive connection");
+    assert_eq!(kept.read_body(&head).await, b"draining\n");
+
+    let mut fresh = RawConn::connect(server.addr).await;
+    fresh.get("/healthz", "").await;
+    let head = fresh.read_head().await;
+    assert_eq!(head.status, 503, "on a new connection");
+    assert_eq!(fresh.read_body(&head).await, b"draining\n");
+
+    let before = quota(server.addr, user).await["remaining"].clone();
+    let (head, body) = ask(
+        server.addr,
+        "/api/v1/ai/ask",
+        &ask_body(QUERY),
+        &bearer(user),
+    )
+    .await;
+    assert_eq!(head.status, 503);
+    let err: Value = serde_json::from_slice(&body).unwrap();
+    assert_error_event(&err, "SHUTTING_DOWN");
+    assert_eq!(quota(server.addr, user).await["remaining"], before);
+
+    drop((kept, fresh));
+    serve_returns(server.signal_shutdown()).await;
+}
+
+/// How one racing ask ended, as its client saw it.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// Every token, then `done`.
+    Done,
+    /// Some tokens, then `SHUTTING_DOWN`.
+    Cut,
+    /// Refused before the answer began: 503 `SHUTTING_DOWN`, or no response at all
+    /// (refused or reset connection).
+    Refused,
+}
+
+/// Reads a chunked body strictly: hex size line, data, CRLF, …, `0\r\n\r\n`, no
+/// trailers, nothing after. `None` if the body was cut before its last chunk.
+fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..line_end]).unwrap(), 16)
+            .expect("a hex chunk size");
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            assert_eq!(
+                raw, b"\r\n",
+                "the last chunk ends the body, nothing follows"
+            );
+            return Some(body);
+        }
+        if raw.len() < size + 2 {
+            return None;
+        }
+        body.extend_from_slice(&raw[..size]);
+        assert_eq!(&raw[size..size + 2], b"\r\n", "chunk data ends with CRLF");
+        raw = &raw[size + 2..];
+    }
+}
+
+/// One streaming ask racing the shutdown. Reads until the server closes the connection,
+/// which graceful shutdown does to every connection once its response is complete.
+async fn racing_ask(addr: SocketAddr, user: String, tokens: usize) -> Seen {
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return Seen::Refused;
+    };
+    let body = ask_body(QUERY);
+    let req = format!(
+        "POST /api/v1/ai/ask?stream=true HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n{}content-length: {}\r\n\r\n{body}",
+        bearer(&user),
+        body.len()
+    );
+    let _ = stream.write_all(req.as_bytes()).await;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    if raw.is_empty() {
+        return Seen::Refused;
+    }
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a whole response head")
+        + 4;
+    let head = std::str::from_utf8(&raw[..head_end])
+        .unwrap()
+        .to_ascii_lowercase();
+    let payload = &raw[head_end..];
+    if head.starts_with("http/1.1 503 ") {
+        // Admission saw the drain: not charged, one error in SSE form.
+        let events = events(payload);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_error_event(&events[0], "SHUTTING_DOWN");
+        return Seen::Refused;
+    }
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    assert!(
+        head.contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{head}"
+    );
+    let body = dechunk(payload).expect("the body ends with its last chunk");
+    let events = events(&body);
+    let last = events.last().expect("at least one event");
+    let streamed = count(&events, "token");
+    assert_eq!(streamed + 1, events.len(), "tokens, then one final event");
+    if last["type"] == "done" {
+        assert_eq!(streamed, tokens, "a done answer has every token");
+        Seen::Done
+    } else {
+        assert_error_event(last, "SHUTTING_DOWN");
+        assert!(streamed < tokens);
+        Seen::Cut
+    }
+}
+
+/// Runs `STREAMS` racing asks from one user, `gap` apart, then signals shutdown; returns
+/// what the clients saw and the charges kept, once `serve` has returned.
+async fn race(config: Config, gap: Duration, tokens: usize) -> (Vec<Seen>, u32) {
+    const STREAMS: usize = 100;
+    let limit = config.quota_limit;
+    let mut server = TestServer::start(config).await;
+    let user = "race";
+    let mut clients = Vec::new();
+    for _ in 0..STREAMS {
+        clients.push(tokio::spawn(racing_ask(
+            server.addr,
+            user.to_string(),
+            tokens,
+        )));
+        tokio::time::sleep(gap).await;
+    }
+    let serve = server.signal_shutdown();
+    let mut seen = Vec::new();
+    for c in clients {
+        let outcome = tokio::time::timeout(Duration::from_secs(3600), c)
+            .await
+            .expect("every client sees its connection closed");
+        seen.push(outcome.expect("client task"));
+    }
+    serve_returns(serve).await;
+    let kept = limit - remaining_in_store(&server, user, limit).await;
+    (seen, kept)
+}
+
+fn tally(seen: &[Seen], which: Seen) -> usize {
+    seen.iter().filter(|s| **s == which).count()
+}
+
+/// 100 answers started 25 ms apart, each 2.1 s long, when the signal arrives with a 1 s
+/// grace period: some finished long before, some finish during the grace period, some
+/// are cut (the last ones still waiting for their first token), and one is due to finish
+/// at the very instant the grace period ends. Whatever each got, the charges kept are
+/// exactly the `done` events delivered.
+#[tokio::test(start_paused = true)]
+async fn shutdown_racing_live_streams_keeps_exactly_the_delivered_charges() {
+    const TOKENS: usize = 20;
+    let config = config(|c| {
+        c.sim_ttft_ms = 200;
+        c.sim_token_ms = 100;
+        c.sim_tokens = TOKENS as u32;
+        c.shutdown_grace_secs = 1;
+        c.quota_limit = 1000;
+    });
+    let (seen, kept) = race(config, Duration::from_millis(25), TOKENS).await;
+    let done = tally(&seen, Seen::Done);
+    let cut = tally(&seen, Seen::Cut);
+    assert!(done > 0 && cut > 0, "a mix of outcomes: {seen:?}");
+    assert_eq!(
+        kept as usize, done,
+        "charges kept == done events ({done} done, {cut} cut)"
+    );
+}
+
+/// The same race on a multi-threaded runtime in real time, with no grace at all: the
+/// answer tasks, the connections and the shutdown run on different threads, so delivery
+/// and the stop really race. Which ask lands where is up to the scheduler; the rule
+/// "charges kept == `done` events delivered" is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_racing_live_streams_on_many_threads() {
+    const TOKENS: usize = 20;
+    let config = config(|c| {
+        c.sim_ttft_ms = 5;
+        c.sim_token_ms = 5;
+        c.sim_tokens = TOKENS as u32;
+        c.shutdown_grace_secs = 0;
+        c.quota_limit = 1000;
+    });
+    let (seen, kept) = race(config, Duration::from_millis(2), TOKENS).await;
+    let done = tally(&seen, Seen::Done);
+    assert_eq!(kept as usize, done, "charges kept == done events: {seen:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The binary
+// ---------------------------------------------------------------------------------------
+
+/// Kills the child if the test fails before it exits.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `askstream` on SIGTERM: drains, ends the answer still thinking with `SHUTTING_DOWN`
+/// after `--shutdown-grace-secs`, and exits 0.
+///
+/// Real time (a real process): about one second, the grace period.
+#[tokio::test]
+async fn the_binary_exits_0_on_sigterm() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_askstream"));
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--shutdown-grace-secs",
+        "1",
+        "--sim-ttft-ms",
+        "3600000",
+        "--ttft-timeout-ms",
+        "7200000",
+    ])
+    .env("RUST_LOG", "info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("ASKSTREAM_") {
+            cmd.env_remove(key);
+        }
+    }
+    let mut child = Child(cmd.spawn().expect("spawn askstream"));
+    let pid = child.0.id();
+
+    // stderr, line by line, on a thread (the pipe must keep draining).
+    let stderr = child.0.stderr.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let addr: SocketAddr = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no `listening` line; stderr so far: {log:#?}"));
+        log.push(line.clone());
+        if line.contains("listening (HTTP/1.1 and h2c)") {
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+            break addr.parse().expect("a socket address");
+        }
+    };
+    assert!(
+        !log.iter().any(|l| l.contains('\u{1b}')),
+        "no ANSI colours when stderr is not a terminal: {log:#?}"
+    );
+
+    // One ask, waiting on its model; its head proves the accept loop (and with it the
+    // signal handler) is running.
+    let mut c = open_stream(addr, "binary").await;
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+
+    let events = finish_stream(&mut c).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_error_event(&events[0], "SHUTTING_DOWN");
+
+    // Wait for the exit, bounded (the grace period is 1 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "exit status {status:?}");
+}
