@@ -1,0 +1,502 @@
+//! One streaming ask at a time over one TCP connection, measured as it arrives.
+//!
+//! A [`Client`] owns a connection (kept between asks with keep-alive), the decoders and the
+//! request buffer, so after its first ask it allocates nothing but what the SSE decoder makes
+//! for each event. It writes the ask, parses the response head, undoes the chunked coding,
+//! feeds the crate's own SSE [`Decoder`], and tells an [`Observer`] about every token event
+//! the moment it is parsed. It knows nothing of workloads, windows or statistics.
+//!
+//! Reads go through a buffer shared by every client of the tool (the tool runs on one
+//! thread): a client waits until its socket is readable, then borrows the buffer, reads and
+//! decodes without awaiting, and returns it. Thousands of open streams then cost one read
+//! buffer, not thousands.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use askstream::sse::decode::Decoder;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::http1::{self, ChunkedDecoder, Framing, Head, HttpError};
+
+/// What every ask of a run sends, and where.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The server's address (loopback; the engine checks).
+    pub addr: SocketAddr,
+    /// The `host` header.
+    pub host: String,
+    /// The path and query of the streaming ask.
+    pub path: String,
+    /// The JSON request body.
+    pub body: Vec<u8>,
+    /// Reuse connections between asks; otherwise each ask asks the server to close after it.
+    pub keep_alive: bool,
+}
+
+/// Receives the measurements of one ask as they happen.
+pub trait Observer {
+    /// A new connection was established in `took`.
+    fn connected(&self, took: Duration);
+    /// The request is about to be written (the TTFT clock starts now).
+    fn request_sent(&self, at: Instant);
+    /// The first `token` event was parsed at `at`.
+    fn first_token(&self, at: Instant);
+    /// A later `token` event was parsed; `gap` is the time between the reads that brought
+    /// it and the previous token (zero for tokens that arrived in one read).
+    fn token(&self, gap: Duration);
+}
+
+/// An ask that ended with its `done` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// Token events received.
+    pub tokens: u64,
+    /// From just before the request was written to the `done` event.
+    pub total: Duration,
+}
+
+/// Why an ask did not end with `done`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The connection could not be made.
+    Connect(io::ErrorKind),
+    /// Writing the request or reading the response failed (e.g. reset by the server).
+    Io(io::ErrorKind),
+    /// A status other than 200, with the `code` of the error event that came with it.
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The SPEC error code, if the body carried one.
+        code: Option<String>,
+    },
+    /// The stream ended (body or connection) before a `done` or `error` event.
+    Truncated,
+    /// An `error` event ended the stream.
+    ErrorEvent(String),
+    /// The response broke the HTTP or event-stream format.
+    Protocol(String),
+}
+
+impl fmt::Display for Failure {
+    /// The error kind under which the report counts this failure.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Connect(kind) => write!(f, "connect: {kind}"),
+            Failure::Io(kind) => write!(f, "io: {kind}"),
+            Failure::Status { status, code } => match code {
+                Some(code) => write!(f, "status {status} {code}"),
+                None => write!(f, "status {status}"),
+            },
+            Failure::Truncated => write!(f, "truncated stream"),
+            Failure::ErrorEvent(code) => write!(f, "error event {code}"),
+            Failure::Protocol(why) => write!(f, "protocol: {why}"),
+        }
+    }
+}
+
+impl From<HttpError> for Failure {
+    fn from(e: HttpError) -> Self {
+        Failure::Protocol(e.to_string())
+    }
+}
+
+/// The fields of an event's JSON the tool looks at.
+#[derive(Deserialize)]
+struct EventHead<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    code: Option<Cow<'a, str>>,
+}
+
+/// What an event means to the tool.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Token,
+    Done,
+    Error(String),
+    /// Blank data, or a type this tool does not know: skipped.
+    Other,
+}
+
+/// Classifies an event's data. Our server's token events all start the same way, so they
+/// skip JSON parsing; anything else (other servers, other field orders) is parsed.
+fn classify(data: &str) -> Result<Kind, Failure> {
+    if data.starts_with(r#"{"type":"token""#) {
+        return Ok(Kind::Token);
+    }
+    if data.trim().is_empty() {
+        return Ok(Kind::Other);
+    }
+    let head: EventHead<'_> = serde_json::from_str(data)
+        .map_err(|e| Failure::Protocol(format!("event data is not an event object: {e}")))?;
+    Ok(match &*head.kind {
+        "token" => Kind::Token,
+        "done" => Kind::Done,
+        "error" => Kind::Error(
+            head.code
+                .map_or_else(|| "(no code)".into(), Cow::into_owned),
+        ),
+        _ => Kind::Other,
+    })
+}
+
+/// The progress of one response through its bytes.
+struct Response {
+    /// Set once the head is parsed.
+    head: Option<Head>,
+    /// Body bytes still expected, for [`Framing::Length`].
+    left: u64,
+    /// When the request was written, for `total`.
+    sent: Instant,
+    tokens: u64,
+    /// When the read holding the previous token returned.
+    last_token: Option<Instant>,
+    /// The connection is to be reused, so the body must be read to its end.
+    keep_alive: bool,
+    /// The answer's last event arrived: `Ok` for `done`, `Err` for an error.
+    ended: Option<Result<Finished, Failure>>,
+    /// The body's framing says it is complete.
+    body_done: bool,
+    /// Any response byte arrived; a reused connection that fails before is retried.
+    any_byte: bool,
+}
+
+impl Response {
+    /// After a complete answer on a connection to be reused, the body's end (the last
+    /// chunk) still has to be read before the connection can carry the next ask.
+    fn must_read_body_end(&self) -> bool {
+        self.keep_alive
+            && matches!(self.ended, Some(Ok(_)))
+            && self
+                .head
+                .is_some_and(|h| !h.close && h.framing != Framing::UntilClose)
+    }
+}
+
+/// One connection and everything reused from ask to ask.
+#[derive(Debug)]
+pub struct Client {
+    conn: Option<TcpStream>,
+    /// Only a response head split across reads is copied here.
+    head_buf: Vec<u8>,
+    chunked: ChunkedDecoder,
+    sse: Decoder,
+    request: Vec<u8>,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Client {
+    /// A client with no connection yet.
+    pub fn new() -> Self {
+        Client {
+            conn: None,
+            head_buf: Vec::new(),
+            chunked: ChunkedDecoder::new(),
+            sse: Decoder::new(),
+            request: Vec::with_capacity(256),
+        }
+    }
+
+    /// Closes the connection, e.g. after a timeout left it mid-response.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    /// Sends one ask as `user-<user>` and reads its answer to the end.
+    ///
+    /// With keep-alive a reused connection that turns out to be closed by the server before
+    /// any response byte is retried once on a new connection: that is the server ending an
+    /// idle connection, not a failed ask.
+    pub async fn ask(
+        &mut self,
+        target: &Target,
+        user: u64,
+        read_buf: &RefCell<Vec<u8>>,
+        observer: &impl Observer,
+    ) -> Result<Finished, Failure> {
+        http1::write_ask(
+            &mut self.request,
+            &target.host,
+            &target.path,
+            &target.body,
+            user,
+            !target.keep_alive,
+        );
+        let reused = self.conn.is_some();
+        match self.exchange(target, read_buf, observer).await {
+            Err((Failure::Io(_) | Failure::Truncated, false)) if reused => {
+                self.conn = None;
+                self.exchange(target, read_buf, observer)
+                    .await
+                    .map_err(|(f, _)| f)
+            }
+            other => other.map_err(|(f, _)| f),
+        }
+    }
+
+    /// Connects if needed, writes the request and reads the response. A failure comes with
+    /// whether any response byte had arrived.
+    async fn exchange(
+        &mut self,
+        target: &Target,
+        read_buf: &RefCell<Vec<u8>>,
+        observer: &impl Observer,
+    ) -> Result<Finished, (Failure, bool)> {
+        if self.conn.is_none() {
+            let started = Instant::now();
+            let conn = TcpStream::connect(target.addr)
+                .await
+                .map_err(|e| (Failure::Connect(e.kind()), false))?;
+            // Without it a small request can wait for a delayed ACK: ~40 ms of fake latency.
+            conn.set_nodelay(true)
+                .map_err(|e| (Failure::Connect(e.kind()), false))?;
+            observer.connected(started.elapsed());
+            self.conn = Some(conn);
+        }
+        self.head_buf.clear();
+        self.chunked = ChunkedDecoder::new();
+        self.sse.finish();
+
+        let conn = self.conn.as_mut().expect("connected above");
+        let sent = Instant::now();
+        observer.request_sent(sent);
+        if let Err(e) = conn.write_all(&self.request).await {
+            self.conn = None;
+            return Err((Failure::Io(e.kind()), false));
+        }
+        let mut response = Response {
+            head: None,
+            left: 0,
+            sent,
+            tokens: 0,
+            last_token: None,
+            keep_alive: target.keep_alive,
+            ended: None,
+            body_done: false,
+            any_byte: false,
+        };
+        let result = self.read_response(&mut response, read_buf, observer).await;
+        let reusable = target.keep_alive
+            && response.body_done
+            && result.is_ok()
+            && response.head.is_some_and(|h| !h.close);
+        if !reusable {
+            self.conn = None;
+        }
+        result.map_err(|f| (f, response.any_byte))
+    }
+
+    /// Reads until the answer has ended (and, with keep-alive, its body too).
+    async fn read_response(
+        &mut self,
+        response: &mut Response,
+        read_buf: &RefCell<Vec<u8>>,
+        observer: &impl Observer,
+    ) -> Result<Finished, Failure> {
+        loop {
+            let conn = self.conn.as_ref().expect("connected");
+            conn.readable().await.map_err(|e| Failure::Io(e.kind()))?;
+            // No await from here to the end of the iteration: the shared buffer is ours.
+            let mut buf = read_buf.borrow_mut();
+            let n = match conn.try_read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    return response.ended.take().unwrap_or_else(|| {
+                        Err(self.at_eof(response).unwrap_or(Failure::Io(e.kind())))
+                    });
+                }
+            };
+            if n == 0 {
+                return response
+                    .ended
+                    .take()
+                    .unwrap_or_else(|| Err(self.at_eof(response).unwrap_or(Failure::Truncated)));
+            }
+            response.any_byte = true;
+            let now = Instant::now();
+            self.process(response, &buf[..n], now, observer)?;
+            drop(buf);
+            if response.body_done || (response.ended.is_some() && !response.must_read_body_end()) {
+                return response.ended.take().unwrap_or(Err(Failure::Truncated));
+            }
+        }
+    }
+
+    /// The failure a non-200 response amounts to once its body is over.
+    fn at_eof(&self, response: &Response) -> Option<Failure> {
+        let head = response.head?;
+        (head.status != 200).then_some(Failure::Status {
+            status: head.status,
+            code: None,
+        })
+    }
+
+    /// Consumes the bytes of one read.
+    fn process(
+        &mut self,
+        response: &mut Response,
+        bytes: &[u8],
+        now: Instant,
+        observer: &impl Observer,
+    ) -> Result<(), Failure> {
+        if response.head.is_some() {
+            return self.body(response, bytes, now, observer);
+        }
+        // The usual case: the whole head in this read, parsed where it lies.
+        let parsed = if self.head_buf.is_empty() {
+            http1::parse_head(bytes)?
+        } else {
+            None
+        };
+        if let Some((head, len)) = parsed {
+            self.start_body(response, head)?;
+            return self.body(response, &bytes[len..], now, observer);
+        }
+        self.head_buf.extend_from_slice(bytes);
+        let Some((head, len)) = http1::parse_head(&self.head_buf)? else {
+            return Ok(());
+        };
+        self.start_body(response, head)?;
+        let rest = std::mem::take(&mut self.head_buf);
+        let result = self.body(response, &rest[len..], now, observer);
+        self.head_buf = rest;
+        self.head_buf.clear();
+        result
+    }
+
+    fn start_body(&mut self, response: &mut Response, head: Head) -> Result<(), Failure> {
+        if head.status == 200 && !head.event_stream {
+            // E.g. a JSON answer because the path lacks `?stream=true`.
+            return Err(Failure::Protocol(
+                "200 response is not text/event-stream".into(),
+            ));
+        }
+        response.head = Some(head);
+        if let Framing::Length(n) = head.framing {
+            response.left = n;
+            response.body_done = n == 0;
+        }
+        Ok(())
+    }
+
+    /// Undoes the transfer coding, feeds the SSE decoder, and handles the events.
+    fn body(
+        &mut self,
+        response: &mut Response,
+        bytes: &[u8],
+        now: Instant,
+        observer: &impl Observer,
+    ) -> Result<(), Failure> {
+        let head = response.head.expect("head parsed");
+        match head.framing {
+            Framing::Chunked => {
+                let sse = &mut self.sse;
+                self.chunked.decode(bytes, |data| sse.feed(data))?;
+                response.body_done = self.chunked.is_done();
+            }
+            Framing::Length(_) => {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(response.left).unwrap_or(usize::MAX));
+                self.sse.feed(&bytes[..n]);
+                response.left -= n as u64;
+                response.body_done = response.left == 0;
+            }
+            Framing::UntilClose => self.sse.feed(bytes),
+        }
+        while let Some(event) = self
+            .sse
+            .next_event()
+            .map_err(|e| Failure::Protocol(e.to_string()))?
+        {
+            if response.ended.is_some() {
+                continue;
+            }
+            let kind = classify(&event.data)?;
+            if head.status != 200 {
+                if let Kind::Error(code) = kind {
+                    response.ended = Some(Err(Failure::Status {
+                        status: head.status,
+                        code: Some(code),
+                    }));
+                }
+                continue;
+            }
+            match kind {
+                Kind::Token => {
+                    response.tokens += 1;
+                    match response.last_token {
+                        None => observer.first_token(Instant::now()),
+                        Some(last) => observer.token(now.saturating_duration_since(last)),
+                    }
+                    response.last_token = Some(now);
+                }
+                Kind::Done => {
+                    response.ended = Some(Ok(Finished {
+                        tokens: response.tokens,
+                        total: now.saturating_duration_since(response.sent),
+                    }));
+                }
+                Kind::Error(code) => response.ended = Some(Err(Failure::ErrorEvent(code))),
+                Kind::Other => {}
+            }
+        }
+        if response.body_done && response.ended.is_none() && head.status != 200 {
+            response.ended = Some(Err(Failure::Status {
+                status: head.status,
+                code: None,
+            }));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_events() {
+        assert_eq!(classify(r#"{"type":"token","token":"a"}"#), Ok(Kind::Token));
+        assert_eq!(classify(r#"{"token":"a","type":"token"}"#), Ok(Kind::Token));
+        assert_eq!(
+            classify(r#"{"type":"done","queryId":"x","usage":{"completionTokens":3}}"#),
+            Ok(Kind::Done)
+        );
+        assert_eq!(
+            classify(r#"{"type":"error","code":"SLOW_CLIENT","message":"m"}"#),
+            Ok(Kind::Error("SLOW_CLIENT".into()))
+        );
+        assert_eq!(classify(r#"{"type":"ping"}"#), Ok(Kind::Other));
+        assert_eq!(classify(""), Ok(Kind::Other));
+        assert!(matches!(classify("not json"), Err(Failure::Protocol(_))));
+    }
+
+    #[test]
+    fn failures_name_their_kind() {
+        let status = Failure::Status {
+            status: 429,
+            code: Some("QUOTA_EXCEEDED".into()),
+        };
+        assert_eq!(status.to_string(), "status 429 QUOTA_EXCEEDED");
+        assert_eq!(Failure::Truncated.to_string(), "truncated stream");
+        assert_eq!(
+            Failure::ErrorEvent("UPSTREAM_ERROR".into()).to_string(),
+            "error event UPSTREAM_ERROR"
+        );
+    }
+}

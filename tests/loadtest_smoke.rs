@@ -1,0 +1,161 @@
+//! Smoke test of the load tool's engine against the real server, in-process: a couple of
+//! seconds at low load must produce no error and every answer must carry all its tokens.
+//! No timing is asserted — CI machines vary; the load tool itself is how speed is measured.
+
+#[allow(dead_code)]
+#[path = "../loadtest/engine.rs"]
+mod engine;
+
+use std::time::Duration;
+
+use askstream::{AskService, Config};
+use engine::{Load, Results, Settings};
+use tokio::sync::oneshot;
+
+const TOKENS: u32 = 6;
+
+/// A server on 127.0.0.1:0 paced like a (fast) real model, with room for every ask.
+async fn start_server() -> (
+    std::net::SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let config = Config {
+        sim_ttft_ms: 0,
+        sim_token_ms: 2,
+        sim_tokens: TOKENS,
+        quota_limit: 1_000_000_000,
+        shutdown_grace_secs: 2,
+        ..Config::default()
+    };
+    let service = AskService::builder(config).build().expect("service builds");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        askstream::serve(listener, service, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    (addr, stop, task)
+}
+
+fn settings(addr: std::net::SocketAddr, load: Load, keep_alive: bool) -> Settings {
+    Settings {
+        label: "smoke".into(),
+        addr,
+        path: "/api/v1/ai/ask?stream=true".into(),
+        query: "How do quota refunds work?".into(),
+        load,
+        duration: Duration::from_secs(2),
+        warmup: Duration::from_millis(200),
+        ramp: Duration::from_millis(50),
+        users: 3,
+        keep_alive,
+        stream_timeout: Duration::from_secs(20),
+        max_streams_total: 100_000,
+        expect_tokens: Some(u64::from(TOKENS)),
+        server_pid: Some(std::process::id()),
+        progress: false,
+        seed: 7,
+    }
+}
+
+/// What every smoke run must show, whatever the machine's speed.
+fn assert_clean(r: &Results) {
+    assert!(r.errors.is_empty(), "errors: {:?}", r.errors);
+    assert!(
+        r.warmup_errors.is_empty(),
+        "warm-up errors: {:?}",
+        r.warmup_errors
+    );
+    assert!(r.completed > 0, "no answer completed");
+    let expected = u64::from(TOKENS);
+    assert_eq!(r.tokens_per_answer, Some((expected, expected)));
+    // (Not `token_events >= completed * TOKENS`: an answer that began in the warm-up had
+    // some of its tokens counted there.)
+    assert!(r.token_events > 0);
+    assert!(r.ttft.count() > 0 && r.gap.count() > 0 && r.total.count() > 0);
+    assert!(r.server.cpu.is_some() || !std::path::Path::new("/proc/self/stat").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_new_connection_per_answer() {
+    let (addr, stop, task) = start_server().await;
+    let r = engine::run(settings(addr, Load::Closed { concurrency: 4 }, false))
+        .await
+        .expect("runs");
+    assert_clean(&r);
+    assert!(r.connect.count() > 0);
+    assert!(r.peak_in_flight <= 4);
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_keep_alive_reuses_connections() {
+    let (addr, stop, task) = start_server().await;
+    let r = engine::run(settings(addr, Load::Closed { concurrency: 4 }, true))
+        .await
+        .expect("runs");
+    assert_clean(&r);
+    // Four slots: new connections only when a slot starts (or a server closes one).
+    assert!(
+        r.connect.count() < r.completed,
+        "{} connects for {} answers",
+        r.connect.count(),
+        r.completed
+    );
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_measures_from_arrival() {
+    let (addr, stop, task) = start_server().await;
+    let load = Load::Open {
+        rate: 40.0,
+        max_in_flight: 64,
+    };
+    let r = engine::run(settings(addr, load, false))
+        .await
+        .expect("runs");
+    assert_clean(&r);
+    assert_eq!(r.ttft_from_arrival.count(), r.ttft.count());
+    assert_eq!(r.send_lag.count(), r.ttft.count());
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn refuses_non_loopback_targets() {
+    let mut s = settings(
+        "127.0.0.1:1".parse().unwrap(),
+        Load::Closed { concurrency: 1 },
+        false,
+    );
+    s.addr = "192.0.2.1:80".parse().unwrap();
+    let err = engine::run(s).await.unwrap_err();
+    assert!(err.to_string().contains("loopback"), "{err}");
+}
+
+#[tokio::test]
+async fn counts_refused_connections_as_errors() {
+    // Bind then drop: nothing listens on this port any more.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut s = settings(addr, Load::Closed { concurrency: 1 }, false);
+    s.duration = Duration::from_millis(300);
+    s.warmup = Duration::ZERO;
+    s.max_streams_total = 5;
+    let r = engine::run(s).await.expect("runs");
+    assert_eq!(r.completed, 0);
+    assert!(
+        r.errors.keys().any(|k| k.starts_with("connect")),
+        "{:?}",
+        r.errors
+    );
+}
