@@ -298,7 +298,9 @@ async fn drive<S: Sink>(
                 // first-token deadline for the idle deadline, which can be earlier: re-arm
                 // once here, or an idle timeout shorter than the TTFT timeout would wait
                 // for the TTFT deadline (or the next heartbeat) instead.
-                clock.last_chunk = Some(now);
+                if clock.last_chunk.replace(now).is_none() {
+                    timer.as_mut().reset(clock.next());
+                }
             }
             () = &mut timer => {
                 let now = Instant::now();
