@@ -3,6 +3,21 @@
 //! Every ask costs one unit of its user's quota, taken before any pipeline work and given
 //! back if the answer is not delivered (SPEC §2). This module owns both halves of that rule.
 //!
+//! ```
+//! use std::time::Duration;
+//! use askstream::quota::QuotaMap;
+//!
+//! let quota = QuotaMap::new(Duration::from_secs(3600));
+//! let now = 1_800_000_000; // Unix seconds; `charge()` reads the clock itself
+//! let first = quota.charge_at("alice", 2, now).unwrap();
+//! assert_eq!(first.remaining(), 1);
+//! first.settle(); // delivered: stays spent
+//! let second = quota.charge_at("alice", 2, now).unwrap();
+//! assert!(quota.charge_at("alice", 2, now).is_err()); // nothing left, nothing taken
+//! drop(second); // not delivered: refunds itself
+//! assert_eq!(quota.status_at("alice", 2, now).remaining, 1);
+//! ```
+//!
 //! # Windows aligned to the epoch
 //!
 //! A window is an integer: `unix_secs / window_secs`. Aligning to the Unix epoch instead of

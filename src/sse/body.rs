@@ -21,6 +21,24 @@
 //!   one of them wins.
 //!
 //! Memory is bounded by the channel capacity, whatever the client does.
+//!
+//! ```
+//! use askstream::sse::body::{Delivery, channel};
+//! use askstream::sse::encode;
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let (tx, body) = channel(64);
+//! // The producer: tokens, then the frame that completes the answer.
+//! let producer = tokio::spawn(async move {
+//!     tx.send(encode::token("Hello")).await?;
+//!     tx.send_last(encode::data(&serde_json::json!({"type": "done"}))).await?;
+//!     Ok::<_, askstream::sse::body::Disconnected>(tx.delivered().await)
+//! });
+//! // hyper would poll `body` as a response body; here we read it ourselves.
+//! let bytes = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+//! assert!(bytes.starts_with(b"data: {\"type\":\"token\",\"token\":\"Hello\"}\n\n"));
+//! assert_eq!(producer.await.unwrap(), Ok(Delivery::Delivered));
+//! # }
+//! ```
 
 use std::convert::Infallible;
 use std::pin::Pin;

@@ -4,6 +4,12 @@
 //! client parser — split on `\n\n`, keep lines starting with `data: ` — reads every event.
 //! Compact `serde_json` output never contains a raw newline (they are escaped inside
 //! strings), which is what keeps each event on one line.
+//!
+//! ```
+//! use askstream::sse::encode;
+//! assert_eq!(&encode::token(" north")[..], b"data: {\"type\":\"token\",\"token\":\" north\"}\n\n");
+//! assert_eq!(&encode::KEEP_ALIVE[..], b": keep-alive\n\n");
+//! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
