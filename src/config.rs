@@ -30,9 +30,25 @@ pub struct Config {
     #[arg(long, env = "ASKSTREAM_DOCS")]
     pub docs: Option<PathBuf>,
 
-    /// Which generator answers: `sim` (built-in, deterministic).
+    /// Which generator answers: `sim` (built-in, deterministic) or `openai` (an
+    /// OpenAI-compatible server, see the `--upstream-*` flags).
     #[arg(long, env = "ASKSTREAM_GENERATOR", value_enum, default_value_t = GeneratorKind::Sim)]
     pub generator: GeneratorKind,
+
+    /// `openai` generator: the API base, as OpenAI clients take it (e.g.
+    /// `http://127.0.0.1:8000/v1`); requests go to `BASE/chat/completions`.
+    #[arg(long, env = "ASKSTREAM_UPSTREAM_URL")]
+    pub upstream_url: Option<String>,
+
+    /// `openai` generator: the model name the upstream serves.
+    #[arg(long, env = "ASKSTREAM_UPSTREAM_MODEL")]
+    pub upstream_model: Option<String>,
+
+    /// `openai` generator: the name of the environment variable holding the upstream API
+    /// key (sent as `Authorization: Bearer`); no key is sent without it. The name, not the
+    /// key, so the key never appears in a command line or `ps`.
+    #[arg(long, env = "ASKSTREAM_UPSTREAM_API_KEY_ENV")]
+    pub upstream_api_key_env: Option<String>,
 
     /// Sim generator: delay before the first token, in milliseconds.
     #[arg(long, env = "ASKSTREAM_SIM_TTFT_MS", default_value_t = 150)]
@@ -100,6 +116,9 @@ pub struct Config {
 pub enum GeneratorKind {
     /// Built-in simulated model: answers from the retrieved passages, paced by the sim flags.
     Sim,
+    /// An OpenAI-compatible streaming chat-completions server (vLLM, llama.cpp, Ollama, …):
+    /// needs `--upstream-url` and `--upstream-model`.
+    Openai,
 }
 
 impl Default for Config {

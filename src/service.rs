@@ -34,6 +34,7 @@ use crate::auth::{Auth, KeysError};
 use crate::config::{Config, GeneratorKind};
 use crate::error::{ApiError, ErrorCode};
 use crate::pipeline::bm25::Bm25Index;
+use crate::pipeline::openai::OpenAiGenerator;
 use crate::pipeline::sim::{SimConfig, SimGenerator};
 use crate::pipeline::{Generator, Retriever};
 use crate::quota::{self, QuotaError, QuotaMap, QuotaStore};
@@ -92,6 +93,9 @@ pub enum StartupError {
         /// What went wrong.
         error: std::io::Error,
     },
+    /// The `openai` generator's flags are missing or unusable (no URL or model, an
+    /// unusable URL, an unset key variable).
+    Upstream(crate::pipeline::openai::ConfigError),
 }
 
 impl std::fmt::Display for StartupError {
@@ -101,6 +105,7 @@ impl std::fmt::Display for StartupError {
             StartupError::Docs { path, error } => {
                 write!(f, "documents folder {}: {error}", path.display())
             }
+            StartupError::Upstream(e) => write!(f, "upstream: {e}"),
         }
     }
 }
@@ -204,13 +209,17 @@ impl<Q: QuotaStore> Builder<Q> {
             }
             (None, None) => Arc::new(Bm25Index::builtin()),
         };
-        let generator = generator.unwrap_or_else(|| match config.generator {
-            GeneratorKind::Sim => Arc::new(SimGenerator::new(SimConfig {
+        let generator: Arc<dyn Generator> = match (generator, config.generator) {
+            (Some(g), _) => g,
+            (None, GeneratorKind::Sim) => Arc::new(SimGenerator::new(SimConfig {
                 ttft: std::time::Duration::from_millis(config.sim_ttft_ms),
                 token_interval: std::time::Duration::from_millis(config.sim_token_ms),
                 tokens: config.sim_tokens,
             })),
-        });
+            (None, GeneratorKind::Openai) => {
+                Arc::new(OpenAiGenerator::from_flags(&config).map_err(StartupError::Upstream)?)
+            }
+        };
         let pipeline = Arc::new(Pipeline {
             retriever,
             generator,

@@ -3,9 +3,45 @@
 //! Both are traits so users of the crate can put their own vector store or model behind
 //! the server. The embedded defaults need no setup: [`bm25::Bm25Index`] over the built-in
 //! corpus (or a folder of `.md`/`.txt` files) and the deterministic [`sim::SimGenerator`].
+//! A real model plugs in through [`openai::OpenAiGenerator`], for any OpenAI-compatible
+//! streaming server.
 //!
 //! A generator's output is a [`TokenStream`]; dropping it cancels generation. The server
 //! drops it the moment the client is gone, so an upstream model stops working for nobody.
+//!
+//! A generator of your own is a struct and a stream. This one answers every prompt with
+//! the same two tokens:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use askstream::pipeline::{Chunk, Generator, Prompt, Token, TokenStream};
+//!
+//! struct Canned;
+//!
+//! impl Generator for Canned {
+//!     fn generate(&self, _prompt: Prompt) -> TokenStream {
+//!         let tokens = Token::batch(["Hello", ", world"]);
+//!         // Any `Stream` works; a ready-made iterator stream keeps the example short.
+//!         Box::pin(Iter(tokens.into_iter().map(|t| Ok(Chunk::Token(t)))))
+//!     }
+//! }
+//!
+//! struct Iter<I>(I);
+//! impl<I: Iterator + Unpin> futures_core::Stream for Iter<I> {
+//!     type Item = I::Item;
+//!     fn poll_next(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>)
+//!         -> std::task::Poll<Option<I::Item>> {
+//!         std::task::Poll::Ready(self.0.next())
+//!     }
+//! }
+//!
+//! // Mount it: the built-in retriever, your generator.
+//! let service = askstream::AskService::builder(askstream::Config::default())
+//!     .generator(Arc::new(Canned))
+//!     .build()
+//!     .unwrap();
+//! # let _ = service;
+//! ```
 
 use std::fmt;
 use std::future::Future;
@@ -19,6 +55,7 @@ use crate::sse::encode;
 
 pub mod bm25;
 pub mod corpus;
+pub mod openai;
 pub mod sim;
 
 /// A boxed future, as the pipeline traits return them (they must be object-safe so the
