@@ -1,0 +1,194 @@
+//! What it costs to build the frames the server sends (`askstream::sse::encode`).
+//!
+//! One group per question:
+//! - `token_frame`: one `token` event for texts of different shapes (what `Token::new`
+//!   pays, e.g. for an OpenAI-compatible upstream that streams one token at a time);
+//! - `token_batch`: a whole 64-token answer encoded with `Token::batch`, as the sim does
+//!   (criterion's element throughput gives the per-token cost), beside 64 separate frames;
+//! - `done_event`: the last event of an answer, from a typed struct and from a
+//!   `serde_json::Value`;
+//! - `error_frame`: an `error` event.
+//!
+//! Run: `cargo bench --bench encode`.
+
+use std::hint::black_box;
+
+use askstream::ErrorCode;
+use askstream::pipeline::Token;
+use askstream::sse::encode;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use serde::Serialize;
+
+/// A model's typical token: a short ASCII word with its leading space.
+const SHORT: &str = " north";
+/// A long token (some upstreams send whole phrases): 240 ASCII bytes, nothing to escape.
+const LONG: &str = "Every ask costs one unit of its user's quota, taken before any pipeline \
+                    work and given back if the answer is not delivered, so a client that \
+                    leaves early or meets a server error never pays for an answer it did not get.";
+/// A token serde_json must escape: quotes, a backslash, control characters.
+const ESCAPED: &str = " \"quoted\" \\path\n\tnext";
+/// Multi-byte UTF-8, which JSON passes through unescaped.
+const MULTI_BYTE: &str = " 日本語 – café ✓ 🚀";
+
+fn token_frame(c: &mut Criterion) {
+    let mut group = c.benchmark_group("token_frame");
+    group.throughput(Throughput::Elements(1));
+    for (name, text) in [
+        ("short_ascii", SHORT),
+        ("long_ascii", LONG),
+        ("escaped", ESCAPED),
+        ("multi_byte", MULTI_BYTE),
+    ] {
+        group.bench_with_input(BenchmarkId::new("token", name), text, |b, text| {
+            b.iter(|| encode::token(black_box(text)));
+        });
+    }
+    group.finish();
+}
+
+/// 64 words shaped like an answer: mostly short words, some punctuation and one escape.
+fn answer_words() -> Vec<&'static str> {
+    const WORDS: [&str; 16] = [
+        "The",
+        " quota",
+        " is",
+        " charged",
+        " before",
+        " retrieval,",
+        " and",
+        " refunded",
+        " when",
+        " the",
+        " \"done\"",
+        " event",
+        " never",
+        " reaches",
+        " you.",
+        " —",
+    ];
+    WORDS.iter().copied().cycle().take(64).collect()
+}
+
+fn token_batch(c: &mut Criterion) {
+    let words = answer_words();
+    let mut group = c.benchmark_group("token_batch");
+    group.throughput(Throughput::Elements(words.len() as u64));
+    group.bench_function("batch_64", |b| {
+        b.iter(|| Token::batch(black_box(&words).iter().copied()));
+    });
+    group.bench_function("one_by_one_64", |b| {
+        b.iter(|| {
+            black_box(&words)
+                .iter()
+                .map(|w| Token::new(w))
+                .collect::<Vec<_>>()
+        });
+    });
+    group.finish();
+}
+
+/// The shape of the `done` event (SPEC §1.1); the server's own struct is private.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Done<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    query_id: &'a str,
+    sources: Vec<Source<'a>>,
+    quota_remaining: u32,
+    usage: DoneUsage,
+    timing: Timing,
+}
+
+#[derive(Serialize)]
+struct Source<'a> {
+    id: &'a str,
+    title: &'a str,
+    score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DoneUsage {
+    completion_tokens: u32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Timing {
+    ttft_ms: Option<f64>,
+    total_ms: f64,
+}
+
+const QUERY_ID: &str = "3f9c2a7d1e5b48c0a6f2d9e8b7c41a05";
+const SOURCES: [(&str, &str, f32); 4] = [
+    ("quota.md#2", "Quotas", 7.41),
+    ("quota.md#0", "Quotas", 5.93),
+    ("errors.md#3", "Errors", 3.2),
+    ("overview.md#1", "Overview", 1.07),
+];
+
+fn done_struct() -> Done<'static> {
+    Done {
+        kind: "done",
+        query_id: QUERY_ID,
+        sources: SOURCES
+            .iter()
+            .map(|&(id, title, score)| Source {
+                id,
+                title,
+                score,
+                url: None,
+            })
+            .collect(),
+        quota_remaining: 3,
+        usage: DoneUsage {
+            completion_tokens: 64,
+        },
+        timing: Timing {
+            ttft_ms: Some(0.8),
+            total_ms: 1290.4,
+        },
+    }
+}
+
+fn done_event(c: &mut Criterion) {
+    let mut group = c.benchmark_group("done_event");
+    group.throughput(Throughput::Elements(1));
+    // What the server does per answer: build the borrowed struct, then encode it.
+    group.bench_function("struct_4_sources", |b| {
+        b.iter(|| encode::data(&black_box(done_struct())));
+    });
+    let value = serde_json::to_value(done_struct()).expect("the done event is JSON");
+    group.bench_function("json_value_4_sources", |b| {
+        b.iter(|| encode::data(black_box(&value)));
+    });
+    group.finish();
+}
+
+fn error_frame(c: &mut Criterion) {
+    let mut group = c.benchmark_group("error_frame");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("slow_client", |b| {
+        b.iter(|| {
+            encode::error(
+                black_box(ErrorCode::SlowClient),
+                black_box("the stream was not read for 30 s; this ask was refunded"),
+            )
+        });
+    });
+    group.finish();
+}
+
+// `criterion_group!` would define an undocumented `pub fn`, which the crate's
+// `missing_docs` lint rejects; this is what it and `criterion_main!` expand to.
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    token_frame(&mut c);
+    token_batch(&mut c);
+    done_event(&mut c);
+    error_frame(&mut c);
+    c.final_summary();
+}
