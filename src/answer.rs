@@ -30,12 +30,13 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::auth::UserId;
 use crate::error::{ApiError, ErrorCode};
+use crate::metrics::{Finished, Metrics};
 use crate::pipeline::{
     Chunk, Generator, Passage, PipelineError, PipelineErrorKind, Prompt, Retriever, Token, Usage,
 };
 use crate::quota::Charge;
 use crate::shutdown::Shutdown;
-use crate::sse::body::{Delivery, SseSender, TrySendError};
+use crate::sse::body::{Delivery, Probe, SseSender, TrySendError};
 use crate::sse::encode;
 
 /// What an answer needs from the server: the pipeline, the clocks, the shutdown signal.
@@ -47,6 +48,7 @@ pub(crate) struct Pipeline {
     pub idle_timeout: Duration,
     pub heartbeat: Duration,
     pub slow_client: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One admitted ask: validated, identified, charged.
@@ -328,7 +330,8 @@ pub(crate) async fn stream(
     permit: OwnedSemaphorePermit,
     tx: SseSender,
 ) {
-    let mut answer = Settlement::new("stream", ask, charge, permit);
+    let mut answer = Settlement::new(&p, "stream", ask, charge, permit);
+    answer.probe = Some(tx.probe());
     let end = {
         let mut sink = StreamSink {
             tx: &tx,
@@ -416,7 +419,7 @@ pub(crate) async fn json(
     charge: Charge,
     permit: OwnedSemaphorePermit,
 ) -> Result<JsonBody, ApiError> {
-    let mut answer = Settlement::new("json", ask, charge, permit);
+    let mut answer = Settlement::new(&p, "json", ask, charge, permit);
     let mut sink = JsonSink {
         answer: String::new(),
     };
@@ -435,7 +438,7 @@ pub(crate) async fn json(
             let bytes = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
             Ok(JsonBody {
                 bytes: Some(bytes),
-                answer: Some(answer),
+                answer: Some(Box::new(answer)),
             })
         }
         End::Disconnected => {
@@ -460,16 +463,28 @@ struct Settlement {
     charge: Option<Charge>,
     /// Held only so the answer counts against `--max-streams` until it is settled.
     _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+    /// The response body's timestamps (streaming answers): first frame, early drop.
+    probe: Option<Probe>,
 }
 
 impl Settlement {
-    fn new(mode: &'static str, ask: Ask, charge: Charge, permit: OwnedSemaphorePermit) -> Self {
+    fn new(
+        p: &Pipeline,
+        mode: &'static str,
+        ask: Ask,
+        charge: Charge,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        p.metrics.started();
         Settlement {
             mode,
             ask,
             stats: Stats::default(),
             charge: Some(charge),
             _permit: permit,
+            metrics: p.metrics.clone(),
+            probe: None,
         }
     }
 
@@ -503,6 +518,23 @@ impl Settlement {
             refunded,
             "ask finished"
         );
+        let probe = self.probe.as_ref();
+        self.metrics.finished(Finished {
+            failure: match outcome {
+                Outcome::Done => None,
+                Outcome::Disconnected => Some(None),
+                Outcome::Failed(code) => Some(Some(code)),
+            },
+            refunded,
+            tokens: self.stats.tokens,
+            ttft: probe
+                .and_then(Probe::first_frame_at)
+                .map(|t| t - self.ask.received),
+            disconnect_lag: match outcome {
+                Outcome::Disconnected => probe.and_then(Probe::dropped_at).map(|t| t.elapsed()),
+                _ => None,
+            },
+        });
     }
 }
 
@@ -516,7 +548,8 @@ impl Drop for Settlement {
 /// that refunds (the client left while the document was ready but unsent).
 pub struct JsonBody {
     bytes: Option<Bytes>,
-    answer: Option<Settlement>,
+    /// Boxed: it is large, and this body shares an enum with the small streaming one.
+    answer: Option<Box<Settlement>>,
 }
 
 impl JsonBody {

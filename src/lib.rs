@@ -27,11 +27,14 @@
 //!   embedded BM25 index and simulated generator.
 //! - [`sse`]: frame encoding, the channel-backed body, an incremental decoder.
 //! - [`error`]: the SPEC's error codes; [`config`]: every flag.
+//! - [`web`]: the demo page at `/` and the reusable browser client at `/client.js`,
+//!   embedded in the binary.
 
 mod answer;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod pipeline;
 pub mod quota;
 pub mod request;
@@ -39,6 +42,7 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod sse;
+pub mod web;
 
 pub use answer::{JsonBody, QueryId};
 pub use config::Config;

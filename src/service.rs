@@ -33,6 +33,7 @@ use crate::answer::{self, Ask, JsonBody, Pipeline, QueryId};
 use crate::auth::{Auth, KeysError};
 use crate::config::{Config, GeneratorKind};
 use crate::error::{ApiError, ErrorCode};
+use crate::metrics::Metrics;
 use crate::pipeline::bm25::Bm25Index;
 use crate::pipeline::openai::OpenAiGenerator;
 use crate::pipeline::sim::{SimConfig, SimGenerator};
@@ -41,11 +42,14 @@ use crate::quota::{self, QuotaError, QuotaMap, QuotaStore};
 use crate::request;
 use crate::shutdown::Shutdown;
 use crate::sse::body::{SseBody, channel};
+use crate::web;
 
 /// The ask endpoint.
 pub const ASK_PATH: &str = "/api/v1/ai/ask";
 /// The caller's quota.
 pub const QUOTA_PATH: &str = "/api/v1/quota";
+/// Prometheus metrics.
+pub const METRICS_PATH: &str = "/metrics";
 /// Liveness and draining state, for load balancers.
 pub const HEALTH_PATH: &str = "/healthz";
 
@@ -228,6 +232,7 @@ impl<Q: QuotaStore> Builder<Q> {
             idle_timeout: config.idle_timeout(),
             heartbeat: config.heartbeat(),
             slow_client: config.slow_client(),
+            metrics: Arc::new(Metrics::default()),
         });
         let streams = Arc::new(Semaphore::new(config.max_streams as usize));
         let inner = Inner {
@@ -270,6 +275,11 @@ impl<Q: QuotaStore> AskService<Q> {
         &self.inner.quota
     }
 
+    /// The server's counters and histograms (what `GET /metrics` renders).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.pipeline.metrics
+    }
+
     /// Answers in flight right now (both modes).
     pub fn in_flight(&self) -> usize {
         self.inner.config.max_streams as usize - self.inner.streams.available_permits()
@@ -292,8 +302,14 @@ impl<Q: QuotaStore> AskService<Q> {
             (&Method::POST, ASK_PATH) => return self.ask(req).await,
             (&Method::GET | &Method::HEAD, QUOTA_PATH) => return self.quota_status(req).await,
             (&Method::GET | &Method::HEAD, HEALTH_PATH) => return self.health(),
+            (&Method::GET | &Method::HEAD, METRICS_PATH) => return self.metrics_text(),
+            (
+                &Method::GET | &Method::HEAD,
+                path @ (web::PAGE_PATH | web::APP_PATH | web::CLIENT_PATH | web::STYLE_PATH),
+            ) => return web_file(path),
             (_, ASK_PATH) => "POST",
-            (_, QUOTA_PATH | HEALTH_PATH) => "GET, HEAD",
+            (_, QUOTA_PATH | HEALTH_PATH | METRICS_PATH) => "GET, HEAD",
+            (_, web::PAGE_PATH | web::APP_PATH | web::CLIENT_PATH | web::STYLE_PATH) => "GET, HEAD",
             _ => {
                 return error_response(
                     &ApiError::new(ErrorCode::NotFound, "no such endpoint"),
@@ -323,16 +339,22 @@ impl<Q: QuotaStore> AskService<Q> {
         let received = Instant::now();
         let stream = match request::stream_mode(req.uri()) {
             Ok(s) => s,
-            Err(e) => return error_response(&e, Mode::Json),
+            Err(e) => {
+                self.metrics().rejected(e.code);
+                return error_response(&e, Mode::Json);
+            }
         };
         let mode = if stream {
             Mode::Sse(req.version())
         } else {
             Mode::Json
         };
-        match self.admit(req, stream, received).await {
+        match self.clone().admit(req, stream, received).await {
             Ok(res) => res,
-            Err(e) => error_response(&e, mode),
+            Err(e) => {
+                self.metrics().rejected(e.code);
+                error_response(&e, mode)
+            }
         }
     }
 
@@ -403,7 +425,12 @@ impl<Q: QuotaStore> AskService<Q> {
                 Some(query_id),
             ));
         }
-        let body = answer::json(inner.pipeline.clone(), ask, charge, permit).await?;
+        // A failure from here on is an answer that started (and was refunded and counted
+        // as such), not a rejection, so it is rendered here rather than returned.
+        let body = match answer::json(inner.pipeline.clone(), ask, charge, permit).await {
+            Ok(body) => body,
+            Err(e) => return Ok(error_response(&e, Mode::Json)),
+        };
         let mut res = Response::new(AskBody::Json(body));
         res.headers_mut().insert(header::CONTENT_TYPE, JSON);
         res.headers_mut().insert(X_QUERY_ID, query_id);
@@ -441,6 +468,16 @@ impl<Q: QuotaStore> AskService<Q> {
             }
             Err(e) => error_response(&quota_error(e), Mode::Json),
         }
+    }
+
+    fn metrics_text(&self) -> Response<AskBody> {
+        let mut res = Response::new(AskBody::Full(Some(Bytes::from(self.metrics().render()))));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        res.headers_mut().insert(header::CACHE_CONTROL, NO_CACHE);
+        res
     }
 
     fn health(&self) -> Response<AskBody> {
@@ -545,6 +582,17 @@ fn sse_response(
         h.insert(header::CONNECTION, KEEP_ALIVE);
     }
     res
+}
+
+/// A file of the demo page; the route match only sends paths that [`web`] serves.
+fn web_file(path: &str) -> Response<AskBody> {
+    match web::asset(path) {
+        Some(asset) => asset.response().map(|b| AskBody::Full(Some(b))),
+        None => error_response(
+            &ApiError::new(ErrorCode::NotFound, "no such endpoint"),
+            Mode::Json,
+        ),
+    }
 }
 
 fn quota_error(e: QuotaError) -> ApiError {

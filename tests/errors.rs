@@ -449,7 +449,7 @@ async fn unauthorized_without_a_known_key_and_the_key_is_never_echoed() {
 async fn not_found_for_unknown_paths() {
     let server = TestServer::start(fast_config()).await;
     for request in [
-        "GET / HTTP/1.1\r\nhost: t\r\n\r\n",
+        "GET /index.html HTTP/1.1\r\nhost: t\r\n\r\n",
         "GET /api/v1/ai HTTP/1.1\r\nhost: t\r\n\r\n",
         "GET /api/v1/quota/ HTTP/1.1\r\nhost: t\r\n\r\n",
         "POST /api/v1/ai/ask/ HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}",

@@ -49,6 +49,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// The stream is running: neither delivered nor aborted.
 const OPEN: u8 = 0;
@@ -64,6 +65,11 @@ struct Shared {
     /// The frame that replaces the rest of the stream after an abort. Written before the
     /// state turns `ABORTED` and read only after, so the body always finds it set.
     abort_frame: OnceLock<Bytes>,
+    /// When the body yielded its first frame: the server-side time to first byte.
+    first_yield: OnceLock<Instant>,
+    /// When hyper dropped the body before it ended: the moment the client was lost, from
+    /// which the producer's detection lag is measured.
+    dropped: OnceLock<Instant>,
 }
 
 /// A message in the channel: a frame, or the frame that completes the answer.
@@ -85,17 +91,15 @@ pub fn channel(capacity: usize) -> (SseSender, SseBody) {
     let shared = Arc::new(Shared {
         state: AtomicU8::new(OPEN),
         abort_frame: OnceLock::new(),
+        first_yield: OnceLock::new(),
+        dropped: OnceLock::new(),
     });
-    (
-        SseSender {
-            tx,
-            shared: shared.clone(),
-        },
-        SseBody {
-            rx: Some(rx),
-            shared,
-        },
-    )
+    let body = SseBody {
+        rx: Some(rx),
+        shared: shared.clone(),
+        yielded: false,
+    };
+    (SseSender { tx, shared }, body)
 }
 
 /// The response body hyper polls: yields frames in order, ends after the last one.
@@ -104,19 +108,35 @@ pub struct SseBody {
     /// the stream is over, so it is dropped as soon as the last frame is yielded.
     rx: Option<mpsc::Receiver<Msg>>,
     shared: Arc<Shared>,
+    /// Whether a frame has been yielded yet; the first one is timestamped.
+    yielded: bool,
 }
 
 impl SseBody {
     /// Ends the stream with the abort frame (the sender aborted).
     fn take_abort_frame(&mut self) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.rx = None;
-        Poll::Ready(
-            self.shared
-                .abort_frame
-                .get()
-                .cloned()
-                .map(|b| Ok(Frame::data(b))),
-        )
+        match self.shared.abort_frame.get().cloned() {
+            Some(b) => self.yield_frame(b),
+            None => Poll::Ready(None),
+        }
+    }
+
+    /// Hands a frame to hyper, noting the time of the first.
+    fn yield_frame(&mut self, b: Bytes) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if !self.yielded {
+            self.yielded = true;
+            let _ = self.shared.first_yield.set(Instant::now());
+        }
+        Poll::Ready(Some(Ok(Frame::data(b))))
+    }
+}
+
+impl Drop for SseBody {
+    fn drop(&mut self) {
+        if self.rx.is_some() {
+            let _ = self.shared.dropped.set(Instant::now());
+        }
     }
 }
 
@@ -138,7 +158,7 @@ impl Body for SseBody {
             return Poll::Ready(None);
         };
         match rx.poll_recv(cx) {
-            Poll::Ready(Some(Msg::Frame(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            Poll::Ready(Some(Msg::Frame(b))) => self.yield_frame(b),
             Poll::Ready(Some(Msg::Last(b))) => {
                 let won = self.shared.state.compare_exchange(
                     OPEN,
@@ -151,7 +171,7 @@ impl Body for SseBody {
                 }
                 // Dropping the receiver wakes the sender's `closed()`/`delivered()`.
                 self.rx = None;
-                Poll::Ready(Some(Ok(Frame::data(b))))
+                self.yield_frame(b)
             }
             Poll::Ready(None) => {
                 // Every sender is gone. If that was an abort, its frame ends the stream;
@@ -306,6 +326,40 @@ impl SseSender {
     pub fn capacity(&self) -> usize {
         self.tx.capacity()
     }
+
+    /// A handle that reports the body's timestamps after the sender is gone.
+    pub fn probe(&self) -> Probe {
+        Probe {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Timestamps of one body, readable by the producer at any time (for metrics).
+#[derive(Clone)]
+pub struct Probe {
+    shared: Arc<Shared>,
+}
+
+impl Probe {
+    /// When the body yielded its first frame to hyper, if it has.
+    pub fn first_frame_at(&self) -> Option<Instant> {
+        self.shared.first_yield.get().copied()
+    }
+
+    /// When hyper dropped the body before it ended (the client left), if it did.
+    pub fn dropped_at(&self) -> Option<Instant> {
+        self.shared.dropped.get().copied()
+    }
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe")
+            .field("first_frame_at", &self.first_frame_at())
+            .field("dropped_at", &self.dropped_at())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for SseSender {
@@ -349,6 +403,31 @@ mod tests {
         tx.send_last(Bytes::from_static(b"done")).await.unwrap();
         drop(body);
         assert_eq!(tx.delivered().await, Delivery::NotDelivered);
+    }
+
+    #[tokio::test]
+    async fn probe_reports_first_yield_and_early_drop() {
+        let (tx, mut body) = channel(4);
+        let probe = tx.probe();
+        assert_eq!(probe.first_frame_at(), None);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert_eq!(probe.first_frame_at(), None, "queued is not yielded");
+        next(&mut body).await.unwrap();
+        assert!(probe.first_frame_at().is_some());
+        assert_eq!(probe.dropped_at(), None);
+        drop(body);
+        assert!(probe.dropped_at().is_some(), "dropped before its end");
+
+        let (tx, mut body) = channel(1);
+        let probe = tx.probe();
+        tx.send_last(Bytes::from_static(b"done")).await.unwrap();
+        next(&mut body).await.unwrap();
+        drop(body);
+        assert_eq!(
+            probe.dropped_at(),
+            None,
+            "a body that ended was not cut short"
+        );
     }
 
     #[tokio::test]

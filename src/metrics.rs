@@ -1,0 +1,326 @@
+//! Counters and histograms for `GET /metrics`, rendered as Prometheus text.
+//!
+//! Everything is a relaxed atomic, updated once per ask (never per token: an answer adds
+//! its token count when it finishes), so the hot path pays nothing measurable and no lock
+//! is ever taken. Rendering reads the atomics without stopping writers; a scrape may see
+//! one ask half-recorded, which Prometheus tolerates.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::error::ErrorCode;
+
+/// Every error code, in the order their counters are kept.
+const CODES: [ErrorCode; 13] = [
+    ErrorCode::BadRequest,
+    ErrorCode::Unauthorized,
+    ErrorCode::NotFound,
+    ErrorCode::MethodNotAllowed,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::UnsupportedMediaType,
+    ErrorCode::QuotaExceeded,
+    ErrorCode::Overloaded,
+    ErrorCode::ShuttingDown,
+    ErrorCode::UpstreamError,
+    ErrorCode::UpstreamTimeout,
+    ErrorCode::SlowClient,
+    ErrorCode::Internal,
+];
+
+fn code_index(code: ErrorCode) -> usize {
+    CODES
+        .iter()
+        .position(|c| *c == code)
+        .unwrap_or(CODES.len() - 1)
+}
+
+/// Upper bounds of the latency buckets, in seconds: 100 µs to 30 s.
+const BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0, 30.0,
+];
+
+/// A fixed-bucket latency histogram of atomics.
+#[derive(Default)]
+pub struct Histogram {
+    /// Cumulative-at-render counts per bucket; the last slot is `+Inf`.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.counts[BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
+/// The server's metrics. One per [`crate::AskService`], shared by all its clones.
+#[derive(Default)]
+pub struct Metrics {
+    done: AtomicU64,
+    disconnected: AtomicU64,
+    /// Answers that started and then failed, by code.
+    failed: [AtomicU64; CODES.len()],
+    /// Asks refused before an answer started, by code (quota, validation, overload...).
+    rejected: [AtomicU64; CODES.len()],
+    active: AtomicU64,
+    tokens: AtomicU64,
+    refunds: AtomicU64,
+    /// Request received → first frame yielded to hyper.
+    ttft: Histogram,
+    /// Body dropped by hyper → the answer noticed and stopped.
+    disconnect_lag: Histogram,
+}
+
+impl Metrics {
+    /// An answer started (its quota was charged).
+    pub fn started(&self) {
+        self.active.fetch_add(1, Relaxed);
+    }
+
+    /// An ask was refused before its answer started.
+    pub fn rejected(&self, code: ErrorCode) {
+        self.rejected[code_index(code)].fetch_add(1, Relaxed);
+    }
+
+    /// An answer ended: delivered (`None`) or not, with its failure code if it had one.
+    pub fn finished(&self, outcome: Finished) {
+        self.active.fetch_sub(1, Relaxed);
+        self.tokens.fetch_add(u64::from(outcome.tokens), Relaxed);
+        match outcome.failure {
+            None => {
+                self.done.fetch_add(1, Relaxed);
+            }
+            Some(None) => {
+                self.disconnected.fetch_add(1, Relaxed);
+            }
+            Some(Some(code)) => {
+                self.failed[code_index(code)].fetch_add(1, Relaxed);
+            }
+        }
+        if outcome.refunded {
+            self.refunds.fetch_add(1, Relaxed);
+        }
+        if let Some(t) = outcome.ttft {
+            self.ttft.observe(t);
+        }
+        if let Some(lag) = outcome.disconnect_lag {
+            self.disconnect_lag.observe(lag);
+        }
+    }
+
+    /// Answers currently in flight.
+    pub fn active(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+
+    /// The Prometheus text exposition (format version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP askstream_asks_total Asks by outcome: answers done, disconnected or failed (by code), and asks rejected before answering (by code).\n# TYPE askstream_asks_total counter\n");
+        let _ = writeln!(
+            out,
+            "askstream_asks_total{{outcome=\"done\"}} {}",
+            self.done.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "askstream_asks_total{{outcome=\"disconnected\"}} {}",
+            self.disconnected.load(Relaxed)
+        );
+        for (i, code) in CODES.iter().enumerate() {
+            let n = self.failed[i].load(Relaxed);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "askstream_asks_total{{outcome=\"error\",code=\"{code}\"}} {n}"
+                );
+            }
+        }
+        let quota = self.rejected[code_index(ErrorCode::QuotaExceeded)].load(Relaxed);
+        let _ = writeln!(
+            out,
+            "askstream_asks_total{{outcome=\"quota_exceeded\"}} {quota}"
+        );
+        for (i, code) in CODES.iter().enumerate() {
+            let n = self.rejected[i].load(Relaxed);
+            if n > 0 && *code != ErrorCode::QuotaExceeded {
+                let _ = writeln!(
+                    out,
+                    "askstream_asks_total{{outcome=\"rejected\",code=\"{code}\"}} {n}"
+                );
+            }
+        }
+        let gauge = |out: &mut String, name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        gauge(
+            &mut out,
+            "askstream_active_streams",
+            "gauge",
+            "Answers in flight.",
+            self.active(),
+        );
+        gauge(
+            &mut out,
+            "askstream_tokens_streamed_total",
+            "counter",
+            "Token events of finished answers.",
+            self.tokens.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "askstream_refunds_total",
+            "counter",
+            "Asks refunded because the answer was not delivered.",
+            self.refunds.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "askstream_disconnects_total",
+            "counter",
+            "Answers ended by the client leaving.",
+            self.disconnected.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "askstream_quota_rejections_total",
+            "counter",
+            "Asks refused with QUOTA_EXCEEDED.",
+            quota,
+        );
+        self.ttft.render(&mut out, "askstream_ttft_seconds", "Server-side time to first token: request received to first frame handed to the connection.");
+        self.disconnect_lag.render(
+            &mut out,
+            "askstream_disconnect_detection_seconds",
+            "Time from the connection dropping an answer's body to the answer stopping.",
+        );
+        out
+    }
+}
+
+/// How one answer ended, for [`Metrics::finished`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Finished {
+    /// `None`: delivered. `Some(None)`: the client left. `Some(Some(code))`: failed.
+    pub failure: Option<Option<ErrorCode>>,
+    /// Whether the charge was refunded.
+    pub refunded: bool,
+    /// Token events sent.
+    pub tokens: u32,
+    /// Request received → first frame yielded, when one was.
+    pub ttft: Option<Duration>,
+    /// Body dropped → answer stopped, for disconnects.
+    pub disconnect_lag: Option<Duration>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("active", &self.active())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_micros(700));
+        h.observe(Duration::from_secs(100));
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.0001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.001\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"30\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count 3\n"), "{out}");
+        assert_eq!(h.count(), 3);
+    }
+
+    #[test]
+    fn outcomes_land_in_their_series() {
+        let m = Metrics::default();
+        for _ in 0..3 {
+            m.started();
+        }
+        m.finished(Finished {
+            tokens: 64,
+            ttft: Some(Duration::from_micros(300)),
+            ..Finished::default()
+        });
+        m.finished(Finished {
+            failure: Some(None),
+            refunded: true,
+            tokens: 5,
+            disconnect_lag: Some(Duration::from_micros(20)),
+            ..Finished::default()
+        });
+        m.finished(Finished {
+            failure: Some(Some(ErrorCode::SlowClient)),
+            refunded: true,
+            ..Finished::default()
+        });
+        m.rejected(ErrorCode::QuotaExceeded);
+        m.rejected(ErrorCode::BadRequest);
+        let text = m.render();
+        for line in [
+            "askstream_asks_total{outcome=\"done\"} 1",
+            "askstream_asks_total{outcome=\"disconnected\"} 1",
+            "askstream_asks_total{outcome=\"error\",code=\"SLOW_CLIENT\"} 1",
+            "askstream_asks_total{outcome=\"quota_exceeded\"} 1",
+            "askstream_asks_total{outcome=\"rejected\",code=\"BAD_REQUEST\"} 1",
+            "askstream_active_streams 0",
+            "askstream_tokens_streamed_total 69",
+            "askstream_refunds_total 2",
+            "askstream_disconnects_total 1",
+            "askstream_quota_rejections_total 1",
+            "askstream_ttft_seconds_count 1",
+            "askstream_disconnect_detection_seconds_count 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample line is `name{labels} value` with a numeric value.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = l.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{l}");
+        }
+    }
+}
