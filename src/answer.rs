@@ -37,7 +37,7 @@ use crate::pipeline::{
 use crate::quota::Charge;
 use crate::shutdown::Shutdown;
 use crate::sse::body::{Delivery, Probe, SseSender, TrySendError};
-use crate::sse::encode;
+use crate::sse::encode::{self, Done, Source, TimingField, UsageField};
 
 /// What an answer needs from the server: the pipeline, the clocks, the shutdown signal.
 pub(crate) struct Pipeline {
@@ -430,9 +430,9 @@ pub(crate) async fn json(
             let doc = JsonAnswer {
                 query_id: answer.ask.id.as_str(),
                 answer: &sink.answer,
-                sources: sources(&passages),
+                sources: &sources(&passages),
                 quota_remaining: answer.remaining(),
-                usage: usage_json(usage, &answer.stats),
+                usage: usage_field(usage, &answer.stats),
                 timing: timing(&answer.ask, &answer.stats),
             };
             let bytes = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
@@ -678,57 +678,22 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
-#[derive(Serialize)]
-struct SourceJson<'a> {
-    id: &'a str,
-    title: &'a str,
-    score: f32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    url: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct UsageJson {
-    completion_tokens: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prompt_tokens: Option<u32>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct TimingJson {
-    ttft_ms: Option<f64>,
-    total_ms: f64,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct DoneEvent<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    query_id: &'a str,
-    sources: Vec<SourceJson<'a>>,
-    quota_remaining: u32,
-    usage: UsageJson,
-    timing: TimingJson,
-}
-
+/// The JSON-mode document: the `done` event's fields plus the whole `answer`.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct JsonAnswer<'a> {
     query_id: &'a str,
     answer: &'a str,
-    sources: Vec<SourceJson<'a>>,
+    sources: &'a [Source<'a>],
     quota_remaining: u32,
-    usage: UsageJson,
-    timing: TimingJson,
+    usage: UsageField,
+    timing: TimingField,
 }
 
-fn sources(passages: &[Passage]) -> Vec<SourceJson<'_>> {
+fn sources(passages: &[Passage]) -> Vec<Source<'_>> {
     passages
         .iter()
-        .map(|p| SourceJson {
+        .map(|p| Source {
             id: &p.id,
             title: &p.title,
             score: p.score,
@@ -737,15 +702,15 @@ fn sources(passages: &[Passage]) -> Vec<SourceJson<'_>> {
         .collect()
 }
 
-fn usage_json(usage: Usage, stats: &Stats) -> UsageJson {
-    UsageJson {
+fn usage_field(usage: Usage, stats: &Stats) -> UsageField {
+    UsageField {
         completion_tokens: usage.completion_tokens.unwrap_or(stats.tokens),
         prompt_tokens: usage.prompt_tokens,
     }
 }
 
-fn timing(ask: &Ask, stats: &Stats) -> TimingJson {
-    TimingJson {
+fn timing(ask: &Ask, stats: &Stats) -> TimingField {
+    TimingField {
         ttft_ms: stats.first_token.map(|t| ms(t - ask.received)),
         total_ms: ms(ask.received.elapsed()),
     }
@@ -758,12 +723,11 @@ fn done_frame(
     usage: Usage,
     stats: &Stats,
 ) -> Bytes {
-    encode::data(&DoneEvent {
-        kind: "done",
+    encode::done(&Done {
         query_id: ask.id.as_str(),
-        sources: sources(passages),
+        sources: &sources(passages),
         quota_remaining: remaining,
-        usage: usage_json(usage, stats),
+        usage: usage_field(usage, stats),
         timing: timing(ask, stats),
     })
 }

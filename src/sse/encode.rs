@@ -72,6 +72,80 @@ pub fn error(code: ErrorCode, message: &str) -> Bytes {
     data(&ErrorObject::new(code, message))
 }
 
+/// One source as the `done` event (and the JSON answer) lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Source<'a> {
+    /// Passage id within the corpus.
+    pub id: &'a str,
+    /// Document title.
+    pub title: &'a str,
+    /// Retrieval score, higher is better.
+    pub score: f32,
+    /// Where the document can be read, when it has an address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<&'a str>,
+}
+
+/// The `usage` field: token accounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageField {
+    /// Token events sent (or the model's own count, when it reports one).
+    pub completion_tokens: u32,
+    /// Prompt tokens, when the model reports them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u32>,
+}
+
+/// The `timing` field, in milliseconds with 0.1 ms resolution.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TimingField {
+    /// Request received → first token handed on; `null` if there was none.
+    pub ttft_ms: Option<f64>,
+    /// Request received → answer complete.
+    pub total_ms: f64,
+}
+
+/// Everything the `done` event carries. More fields may be added to the event; none of
+/// these is ever removed or renamed.
+#[derive(Clone, Copy, Debug)]
+pub struct Done<'a> {
+    /// The ask's id (also in the `x-query-id` header).
+    pub query_id: &'a str,
+    /// The passages the answer drew on.
+    pub sources: &'a [Source<'a>],
+    /// The caller's quota left after this ask.
+    pub quota_remaining: u32,
+    /// Token accounting.
+    pub usage: UsageField,
+    /// Timings.
+    pub timing: TimingField,
+}
+
+/// The `done` event: the last frame of a complete answer.
+pub fn done(d: &Done<'_>) -> Bytes {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Event<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        query_id: &'a str,
+        sources: &'a [Source<'a>],
+        quota_remaining: u32,
+        usage: UsageField,
+        timing: TimingField,
+    }
+    data(&Event {
+        kind: "done",
+        query_id: d.query_id,
+        sources: d.sources,
+        quota_remaining: d.quota_remaining,
+        usage: d.usage,
+        timing: d.timing,
+    })
+}
+
 /// A comment frame (`: text\n\n`), which SSE clients ignore. Newlines in `text` are
 /// replaced by spaces so the comment stays one line.
 pub fn comment(text: &str) -> Bytes {
@@ -112,6 +186,33 @@ mod tests {
         assert_eq!(
             &f[..],
             b"data: {\"type\":\"error\",\"code\":\"SLOW_CLIENT\",\"message\":\"client stopped reading\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn done_frame_has_the_contract_fields() {
+        let sources = [Source {
+            id: "a.md#1",
+            title: "A",
+            score: 1.5,
+            url: None,
+        }];
+        let f = done(&Done {
+            query_id: "q1",
+            sources: &sources,
+            quota_remaining: 3,
+            usage: UsageField {
+                completion_tokens: 64,
+                prompt_tokens: None,
+            },
+            timing: TimingField {
+                ttft_ms: Some(0.8),
+                total_ms: 12.5,
+            },
+        });
+        assert_eq!(
+            std::str::from_utf8(&f).unwrap(),
+            "data: {\"type\":\"done\",\"queryId\":\"q1\",\"sources\":[{\"id\":\"a.md#1\",\"title\":\"A\",\"score\":1.5}],\"quotaRemaining\":3,\"usage\":{\"completionTokens\":64},\"timing\":{\"ttftMs\":0.8,\"totalMs\":12.5}}\n\n"
         );
     }
 
