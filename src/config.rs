@@ -109,6 +109,11 @@ pub struct Config {
     /// Seconds answers in flight get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "ASKSTREAM_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+
+    /// Runtime worker threads; default: the CPUs this process may run on. With 1, the
+    /// server runs on a single-threaded runtime (no work stealing, no cross-thread wake-ups).
+    #[arg(long, env = "ASKSTREAM_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: Option<u32>,
 }
 
 /// The generators the binary can run.
