@@ -411,13 +411,22 @@ impl<Q: QuotaStore> AskService<Q> {
         let query_id = query_id_header(&ask.id);
         if stream {
             let (tx, body) = channel(inner.config.stream_buffer as usize);
-            inner.answers.spawn(answer::stream(
+            let mut answer = Box::pin(answer::stream(
                 inner.pipeline.clone(),
                 ask,
                 charge,
                 permit,
                 tx,
             ));
+            // Run the answer up to its first wait before hyper gets the response: with a
+            // generator that has a token ready, the first frame is queued by then, and
+            // hyper writes it in the same write as the headers (one syscall, no wake-up
+            // round trip). The spawned task's first poll re-registers real wakers, so
+            // the no-op waker used here loses nothing.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if answer.as_mut().poll(&mut cx).is_pending() {
+                inner.answers.spawn(answer);
+            }
             return Ok(sse_response(
                 StatusCode::OK,
                 AskBody::Sse(body),
