@@ -242,17 +242,18 @@ async fn drive<S: Sink>(
     let mut stop = pin!(p.shutdown.stopped());
     let first_deadline = ask.received + p.ttft_timeout;
 
-    // Retrieval can end in four ways: the client leaves, the server stops, the first-token
-    // deadline passes, or the retriever answers.
+    // Retrieval can end in four ways: the client leaves, the server stops, the retriever
+    // answers, or the first-token deadline passes. The deadline is polled last so that an
+    // in-memory retriever, ready at once, never registers the timer.
     let passages: Arc<[Passage]> = tokio::select! {
         biased;
         () = &mut gone => return End::Disconnected,
         () = &mut stop => return End::Failed(shutting_down()),
-        () = sleep_until(first_deadline) => return End::Failed(no_first_token(p.ttft_timeout)),
         r = p.retriever.retrieve(&ask.query, ask.top_k) => match r {
             Ok(found) => found.into(),
             Err(e) => return End::Failed(pipeline_error(e)),
         },
+        () = sleep_until(first_deadline) => return End::Failed(no_first_token(p.ttft_timeout)),
     };
 
     let mut tokens = p.generator.generate(Prompt {
