@@ -477,7 +477,6 @@ impl Settlement {
         charge: Charge,
         permit: OwnedSemaphorePermit,
     ) -> Self {
-        p.metrics.started();
         Settlement {
             mode,
             ask,

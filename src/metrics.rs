@@ -90,7 +90,6 @@ pub struct Metrics {
     failed: [AtomicU64; CODES.len()],
     /// Asks refused before an answer started, by code (quota, validation, overload...).
     rejected: [AtomicU64; CODES.len()],
-    active: AtomicU64,
     tokens: AtomicU64,
     refunds: AtomicU64,
     /// Request received → first frame yielded to hyper.
@@ -100,11 +99,6 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// An answer started (its quota was charged).
-    pub fn started(&self) {
-        self.active.fetch_add(1, Relaxed);
-    }
-
     /// An ask was refused before its answer started.
     pub fn rejected(&self, code: ErrorCode) {
         self.rejected[code_index(code)].fetch_add(1, Relaxed);
@@ -112,7 +106,6 @@ impl Metrics {
 
     /// An answer ended: delivered (`None`) or not, with its failure code if it had one.
     pub fn finished(&self, outcome: Finished) {
-        self.active.fetch_sub(1, Relaxed);
         self.tokens.fetch_add(u64::from(outcome.tokens), Relaxed);
         match outcome.failure {
             None => {
@@ -136,13 +129,9 @@ impl Metrics {
         }
     }
 
-    /// Answers currently in flight.
-    pub fn active(&self) -> u64 {
-        self.active.load(Relaxed)
-    }
-
-    /// The Prometheus text exposition (format version 0.0.4).
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition (format version 0.0.4). `active` is the number of
+    /// answers in flight, which the `--max-streams` semaphore already counts.
+    pub fn render(&self, active: u64) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP askstream_asks_total Asks by outcome: answers done, disconnected or failed (by code), and asks rejected before answering (by code).\n# TYPE askstream_asks_total counter\n");
         let _ = writeln!(
@@ -189,7 +178,7 @@ impl Metrics {
             "askstream_active_streams",
             "gauge",
             "Answers in flight.",
-            self.active(),
+            active,
         );
         gauge(
             &mut out,
@@ -246,9 +235,7 @@ pub struct Finished {
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics")
-            .field("active", &self.active())
-            .finish_non_exhaustive()
+        f.debug_struct("Metrics").finish_non_exhaustive()
     }
 }
 
@@ -275,9 +262,6 @@ mod tests {
     #[test]
     fn outcomes_land_in_their_series() {
         let m = Metrics::default();
-        for _ in 0..3 {
-            m.started();
-        }
         m.finished(Finished {
             tokens: 64,
             ttft: Some(Duration::from_micros(300)),
@@ -297,7 +281,7 @@ mod tests {
         });
         m.rejected(ErrorCode::QuotaExceeded);
         m.rejected(ErrorCode::BadRequest);
-        let text = m.render();
+        let text = m.render(0);
         for line in [
             "askstream_asks_total{outcome=\"done\"} 1",
             "askstream_asks_total{outcome=\"disconnected\"} 1",

@@ -480,7 +480,9 @@ impl<Q: QuotaStore> AskService<Q> {
     }
 
     fn metrics_text(&self) -> Response<AskBody> {
-        let mut res = Response::new(AskBody::Full(Some(Bytes::from(self.metrics().render()))));
+        let mut res = Response::new(AskBody::Full(Some(Bytes::from(
+            self.metrics().render(self.in_flight() as u64),
+        ))));
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

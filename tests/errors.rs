@@ -5,18 +5,14 @@
 
 mod support;
 
-use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use askstream::auth::Auth;
-use askstream::pipeline::{
-    BoxFuture, Chunk, Generator, Passage, PipelineError, Prompt, Retriever, Token, TokenStream,
-};
+use askstream::pipeline::{BoxFuture, Passage, PipelineError, Retriever};
 use askstream::{AskService, Config};
 use serde_json::{Value, json};
+use support::script::{ScriptGen, Step};
 use support::*;
 
 const ASK: &str = "/api/v1/ai/ask";
@@ -171,44 +167,6 @@ fn config_with_limit(limit: u32) -> Config {
 // ---------------------------------------------------------------------------------------
 // Test pipeline pieces
 // ---------------------------------------------------------------------------------------
-
-/// One step of a scripted token stream.
-#[derive(Clone)]
-enum Step {
-    Tok(&'static str),
-    Fail(PipelineError),
-    Panic,
-    /// Never yields again (and never wakes): a model that went silent.
-    Hang,
-}
-
-struct Script(VecDeque<Step>);
-
-impl futures_core::Stream for Script {
-    type Item = Result<Chunk, PipelineError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.0.pop_front() {
-            None => Poll::Ready(None),
-            Some(Step::Tok(t)) => Poll::Ready(Some(Ok(Chunk::Token(Token::new(t))))),
-            Some(Step::Fail(e)) => Poll::Ready(Some(Err(e))),
-            Some(Step::Panic) => panic!("the test generator panics on purpose"),
-            Some(Step::Hang) => {
-                self.0.push_front(Step::Hang);
-                Poll::Pending
-            }
-        }
-    }
-}
-
-/// A generator whose stream is chosen by the query text.
-struct ScriptGen(fn(&str) -> Vec<Step>);
-
-impl Generator for ScriptGen {
-    fn generate(&self, prompt: Prompt) -> TokenStream {
-        Box::pin(Script((self.0)(&prompt.query).into()))
-    }
-}
 
 /// Answers `ok ok` for any query, unless the query names a failure:
 /// `fail` → two tokens then an upstream error; `boom` → a token then a panic;

@@ -4,16 +4,14 @@
 
 mod support;
 
-use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use askstream::pipeline::{Chunk, Generator, PipelineError, Prompt, Token, TokenStream};
+use askstream::pipeline::PipelineError;
 use askstream::{AskService, Config};
 use serde_json::{Value, json};
+use support::script::{ScriptGen, Step};
 use support::*;
 use tokio::sync::Barrier;
 
@@ -384,48 +382,24 @@ async fn delivered_answers_are_never_refunded() {
     assert_eq!(remaining(&server, "kept").await, 3);
 }
 
-// A generator that fails for queries containing `fail` and panics for `boom`.
-
-enum Step {
-    Tok(&'static str),
-    Fail,
-    Panic,
-}
-
-struct Script(VecDeque<Step>);
-
-impl futures_core::Stream for Script {
-    type Item = Result<Chunk, PipelineError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.0.pop_front() {
-            None => Poll::Ready(None),
-            Some(Step::Tok(t)) => Poll::Ready(Some(Ok(Chunk::Token(Token::new(t))))),
-            Some(Step::Fail) => Poll::Ready(Some(Err(PipelineError::upstream("model down")))),
-            Some(Step::Panic) => panic!("the test generator panics on purpose"),
-        }
-    }
-}
-
-struct Flaky;
-
-impl Generator for Flaky {
-    fn generate(&self, prompt: Prompt) -> TokenStream {
-        let steps = if prompt.query.contains("fail") {
-            vec![Step::Tok("partial"), Step::Fail]
-        } else if prompt.query.contains("boom") {
-            vec![Step::Tok("partial"), Step::Panic]
-        } else {
-            vec![Step::Tok("fine"), Step::Tok(" answer")]
-        };
-        Box::pin(Script(steps.into()))
+/// Fails for queries containing `fail`, panics for `boom`, answers otherwise.
+fn flaky(query: &str) -> Vec<Step> {
+    if query.contains("fail") {
+        vec![
+            Step::Tok("partial"),
+            Step::Fail(PipelineError::upstream("model down")),
+        ]
+    } else if query.contains("boom") {
+        vec![Step::Tok("partial"), Step::Panic]
+    } else {
+        vec![Step::Tok("fine"), Step::Tok(" answer")]
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mix_of_delivered_and_failed_asks_costs_only_the_delivered_ones() {
     let service = AskService::builder(config_with_limit(10))
-        .generator(Arc::new(Flaky))
+        .generator(Arc::new(ScriptGen(flaky)))
         .build()
         .unwrap();
     let server = TestServer::start_with(service).await;

@@ -488,8 +488,6 @@ async fn the_binary_exits_0_on_sigterm() {
         "127.0.0.1:0",
         "--shutdown-grace-secs",
         "1",
-        "--sim-ttft-ms",
-        "3600000",
         "--ttft-timeout-ms",
         "7200000",
     ])
@@ -502,6 +500,10 @@ async fn the_binary_exits_0_on_sigterm() {
             cmd.env_remove(key);
         }
     }
+    // Set through the environment, as the README promises every flag can be: were the
+    // variable ignored, the default 150 ms first token would finish the answer with
+    // `done` instead of the `SHUTTING_DOWN` this test expects.
+    cmd.env("ASKSTREAM_SIM_TTFT_MS", "3600000");
     let mut child = Child(cmd.spawn().expect("spawn askstream"));
     let pid = child.0.id();
 

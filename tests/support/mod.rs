@@ -3,6 +3,8 @@
 //! server bug).
 #![allow(dead_code)]
 
+pub mod script;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
