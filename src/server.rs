@@ -4,6 +4,11 @@
 //! TCP keepalive and `TCP_USER_TIMEOUT` (a peer that vanished without FIN or RST is found
 //! and its ask refunded within `--dead-peer-secs`), then one task serving HTTP/1.1 or h2c
 //! (prior knowledge), whichever the client speaks.
+//!
+//! The protocol is chosen by peeking at the first bytes, leaving them in the socket.
+//! hyper-util's own detection reads them and replays them to hyper, and that replay makes
+//! hyper's HTTP/1 read buffer double to 16 KB for the connection's whole life: an idle
+//! stream's largest single cost (found with heaptrack; see `Sniffed`).
 
 use std::future::Future;
 use std::io;
@@ -57,14 +62,12 @@ pub async fn serve<Q: QuotaStore>(
     signal: impl Future<Output = ()>,
 ) {
     let config = service.config().clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout())
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    let protocols = Arc::new(Protocols::new(&config));
     let graceful = GracefulShutdown::new();
+    // Closes connections that have not sent a byte yet when the accept loop ends. (Not
+    // the service's drain: a service drained while still accepting answers its health
+    // check with 503, so new connections must still be served.)
+    let stop_silent = CancellationToken::new();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "listening (HTTP/1.1 and h2c)");
     }
@@ -85,18 +88,37 @@ pub async fn serve<Q: QuotaStore>(
         if let Err(e) = tune(&stream, &config) {
             tracing::debug!(%peer, error = %e, "could not tune socket");
         }
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service.with_peer(peer))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        // Subscribed now, so a shutdown that starts while this connection is still
+        // silent waits for it (and the drain below closes it).
+        let watcher = graceful.watcher();
+        let protocols = protocols.clone();
+        let service = service.with_peer(peer);
+        let first_bytes_within = config.header_timeout();
+        let stop_silent = stop_silent.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut first = [0; H2_PREFACE.len()];
+            let seen = tokio::select! {
+                biased;
+                () = stop_silent.cancelled() => return,
+                peeked = tokio::time::timeout(first_bytes_within, stream.peek(&mut first)) => {
+                    match peeked {
+                        Ok(Ok(n)) if n > 0 => &first[..n],
+                        // Silent for the whole header timeout (slowloris), closed before
+                        // a byte, or failed: nothing to serve.
+                        _ => return,
+                    }
+                }
+            };
+            let builder = protocols.builder(Sniffed::from_first_bytes(seen));
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
 
     drop(listener);
+    stop_silent.cancel();
     service.shutdown().drain();
     tracing::info!(
         connections = graceful.count(),
@@ -125,6 +147,67 @@ pub async fn serve<Q: QuotaStore>(
     service.shutdown().stop();
     let _ = tokio::time::timeout(FINAL_FLUSH, service.answers_finished()).await;
     tracing::info!("shut down");
+}
+
+/// HTTP/2's connection preface: an h2c (prior knowledge) client's first 24 bytes.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a connection's first bytes say it speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sniffed {
+    Http1,
+    Http2,
+    /// The bytes so far are a strict prefix of the h2 preface (a client that split its
+    /// first write): hyper-util reads until it knows. Rare, so its cost does not matter.
+    Unsure,
+}
+
+impl Sniffed {
+    /// Any byte that departs from the preface means HTTP/1 (`POST` differs at the second
+    /// byte); the whole preface means h2.
+    fn from_first_bytes(seen: &[u8]) -> Sniffed {
+        let n = seen.len().min(H2_PREFACE.len());
+        if seen[..n] != H2_PREFACE[..n] {
+            Sniffed::Http1
+        } else if n == H2_PREFACE.len() {
+            Sniffed::Http2
+        } else {
+            Sniffed::Unsure
+        }
+    }
+}
+
+/// hyper-util's connection builder three times, configured alike: told the protocol, it
+/// skips its detection (which reads and replays the first bytes).
+struct Protocols {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+    unsure: auto::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(config: &Config) -> Protocols {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_timeout())
+            .keep_alive(true);
+        builder.http2().timer(TokioTimer::new());
+        Protocols {
+            http1: builder.clone().http1_only(),
+            http2: builder.clone().http2_only(),
+            unsure: builder,
+        }
+    }
+
+    fn builder(&self, sniffed: Sniffed) -> &auto::Builder<TokioExecutor> {
+        match sniffed {
+            Sniffed::Http1 => &self.http1,
+            Sniffed::Http2 => &self.http2,
+            Sniffed::Unsure => &self.unsure,
+        }
+    }
 }
 
 /// Sets the per-socket options the SPEC requires.
@@ -158,6 +241,25 @@ async fn accept_failed(e: io::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_bytes_choose_the_protocol() {
+        assert_eq!(Sniffed::from_first_bytes(b"POST /api"), Sniffed::Http1);
+        assert_eq!(
+            Sniffed::from_first_bytes(b"GET / HTTP/1.1\r\n"),
+            Sniffed::Http1
+        );
+        assert_eq!(Sniffed::from_first_bytes(b"PRI * HTTP/1.1"), Sniffed::Http1);
+        assert_eq!(Sniffed::from_first_bytes(b"P"), Sniffed::Unsure);
+        assert_eq!(
+            Sniffed::from_first_bytes(b"PRI * HTTP/2.0\r\n"),
+            Sniffed::Unsure
+        );
+        assert_eq!(Sniffed::from_first_bytes(H2_PREFACE), Sniffed::Http2);
+        let mut more = H2_PREFACE.to_vec();
+        more.extend_from_slice(b"\0\0\x12\x04");
+        assert_eq!(Sniffed::from_first_bytes(&more), Sniffed::Http2);
+    }
 
     #[tokio::test]
     async fn accepted_sockets_are_tuned() {

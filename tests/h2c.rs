@@ -361,3 +361,76 @@ async fn http1_and_h2c_share_one_port() {
     server.settled().await;
     assert_eq!(remaining(addr, user).await, LIMIT - 2);
 }
+
+/// A client socket whose first write stops partway through the h2 preface, so the server
+/// may see `PRI * HTTP/2.0\r\n` alone when it peeks to choose the protocol. Whether it
+/// does depends on scheduling; either way the connection must be served as h2c.
+struct SplitFirstWrite {
+    inner: TcpStream,
+    first_done: bool,
+}
+
+impl tokio::io::AsyncRead for SplitFirstWrite {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SplitFirstWrite {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let n = if self.first_done {
+            buf.len()
+        } else {
+            buf.len().min(16)
+        };
+        let res = Pin::new(&mut self.inner).poll_write(cx, &buf[..n]);
+        if matches!(res, Poll::Ready(Ok(_))) {
+            self.first_done = true;
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_preface_split_across_writes_is_still_h2c() {
+    let user = "split-preface";
+    let query = "what is askstream";
+    let server = TestServer::start(config()).await;
+    let addr = server.addr;
+    let expected = expected_tokens(query).await;
+
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let io = SplitFirstWrite {
+        inner: tcp,
+        first_done: false,
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let res = send(&mut sender, ask_request(addr, query, user, true)).await;
+    assert_eq!(res.version(), Version::HTTP_2);
+    let (parts, body) = read_all(res).await;
+    let (_, rem) = check_h2_stream(&parts, &body, &expected);
+    assert_eq!(rem, LIMIT - 1);
+}

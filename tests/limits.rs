@@ -26,6 +26,42 @@ async fn headers_that_never_finish_are_cut_off() {
     assert_eq!(server.service.in_flight(), 0);
 }
 
+/// A connection that never sends a byte is closed at the header timeout too: before the
+/// first byte the server does not yet know which protocol it will speak.
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_never_speaks_is_closed() {
+    let server = TestServer::start(fast_config()).await;
+    let mut conn = RawConn::connect(server.addr).await;
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(60), conn.read_to_eof())
+        .await
+        .expect("the server closes a connection that stays silent");
+    assert!(rest.is_empty(), "nothing was asked, nothing answered");
+}
+
+/// A silent connection neither delays a shutdown nor survives it.
+#[tokio::test(start_paused = true)]
+async fn a_silent_connection_is_closed_by_shutdown() {
+    let mut config = fast_config();
+    config.header_timeout_secs = 3600;
+    let mut server = TestServer::start(config).await;
+    let mut conn = RawConn::connect(server.addr).await;
+    // Connections are accepted in order: once a later one is answered, the silent one
+    // is past accept, waiting for its first byte.
+    let mut later = RawConn::connect(server.addr).await;
+    later.get("/healthz", "").await;
+    assert_eq!(later.read_head().await.status, 200);
+    let serve = server.signal_shutdown();
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(60), conn.read_to_eof())
+        .await
+        .expect("the drain closes a silent connection");
+    assert!(rest.is_empty());
+    drop(later);
+    tokio::time::timeout(std::time::Duration::from_secs(60), serve)
+        .await
+        .expect("serve returns without waiting for the silent connection")
+        .expect("serve does not panic");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_body_that_never_finishes_is_refused_and_not_charged() {
     let server = TestServer::start(fast_config()).await;
