@@ -162,9 +162,11 @@ impl Sink for StreamSink<'_> {
             Ok(()) => Ok(()),
             Err(TrySendError::Disconnected) => Err(End::Disconnected),
             // The client is behind: wait for room, but not forever. The timer exists only
-            // on this slow path.
+            // on this slow path, and is boxed with the send: inline, the two would add
+            // some 400 bytes to every answer's future, slow or not.
             Err(TrySendError::Full(frame)) => {
-                match tokio::time::timeout(self.slow_client, self.tx.send(frame)).await {
+                let wait = Box::pin(tokio::time::timeout(self.slow_client, self.tx.send(frame)));
+                match wait.await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(_)) => Err(End::Disconnected),
                     Err(_) => Err(End::Failed(slow_client(self.slow_client))),
@@ -235,10 +237,9 @@ async fn drive<S: Sink>(
     p: &Pipeline,
     ask: &Ask,
     sink: &mut S,
-    gone: impl Future<Output = ()>,
+    mut gone: Pin<&mut impl Future<Output = ()>>,
     stats: &mut Stats,
 ) -> End {
-    let mut gone = pin!(gone);
     let mut stop = pin!(p.shutdown.stopped());
     let first_deadline = ask.received + p.ttft_timeout;
 
@@ -324,47 +325,48 @@ async fn drive<S: Sink>(
 }
 
 /// Streams one answer into `tx`; owns the charge and settles or refunds it exactly once.
-pub(crate) async fn stream(
+///
+/// Not an `async fn`: the settlement is built before the future, so the future holds it
+/// once rather than as arguments and again as a local (every open stream carries this
+/// future).
+pub(crate) fn stream(
     p: Arc<Pipeline>,
     ask: Ask,
     charge: Charge,
     permit: OwnedSemaphorePermit,
     tx: SseSender,
-) {
+) -> impl Future<Output = ()> + Send {
     let mut answer = Settlement::new(&p, "stream", ask, charge, permit);
     answer.probe = Some(tx.probe());
-    let end = {
-        let mut sink = StreamSink {
-            tx: &tx,
-            slow_client: p.slow_client,
+    async move {
+        let end = {
+            let mut sink = StreamSink {
+                tx: &tx,
+                slow_client: p.slow_client,
+            };
+            let gone = pin!(tx.closed());
+            let drive = pin!(drive(&p, &answer.ask, &mut sink, gone, &mut answer.stats));
+            catch_unwind(drive).await
         };
-        catch_unwind(drive(
-            &p,
-            &answer.ask,
-            &mut sink,
-            tx.closed(),
-            &mut answer.stats,
-        ))
-        .await
-    };
-    let outcome = match end {
-        End::Complete { passages, usage } => {
-            let done = done_frame(
-                &answer.ask,
-                &passages,
-                answer.remaining(),
-                usage,
-                &answer.stats,
-            );
-            deliver_done(&p, tx, done).await
-        }
-        End::Disconnected => Outcome::Disconnected,
-        End::Failed(err) => {
-            fail_stream(tx, &err);
-            Outcome::Failed(err.code)
-        }
-    };
-    answer.finish(outcome);
+        let outcome = match end {
+            End::Complete { passages, usage } => {
+                let done = done_frame(
+                    &answer.ask,
+                    &passages,
+                    answer.remaining(),
+                    usage,
+                    &answer.stats,
+                );
+                deliver_done(&p, tx, done).await
+            }
+            End::Disconnected => Outcome::Disconnected,
+            End::Failed(err) => {
+                fail_stream(tx, &err);
+                Outcome::Failed(err.code)
+            }
+        };
+        answer.finish(outcome);
+    }
 }
 
 /// Hands the `done` frame over and waits to learn whether the body yielded it.
@@ -424,8 +426,11 @@ pub(crate) async fn json(
     let mut sink = JsonSink {
         answer: String::new(),
     };
-    let gone = std::future::pending();
-    let end = catch_unwind(drive(&p, &answer.ask, &mut sink, gone, &mut answer.stats)).await;
+    let gone = pin!(std::future::pending());
+    let end = {
+        let drive = pin!(drive(&p, &answer.ask, &mut sink, gone, &mut answer.stats));
+        catch_unwind(drive).await
+    };
     match end {
         End::Complete { passages, usage } => {
             let doc = JsonAnswer {
@@ -617,8 +622,11 @@ impl Outcome {
 }
 
 /// Polls a future, turning a panic inside it into an `INTERNAL` failure of this ask only.
-async fn catch_unwind(fut: impl Future<Output = End>) -> End {
-    let mut fut = pin!(fut);
+///
+/// Takes the future pinned by the caller: an `async fn` that took it by value would keep
+/// it twice in its state (the argument, then the pinned local), doubling every answer's
+/// largest allocation.
+async fn catch_unwind(mut fut: Pin<&mut impl Future<Output = End>>) -> End {
     poll_fn(
         |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
             Ok(poll) => poll,
