@@ -40,42 +40,80 @@
 //! # }
 //! ```
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// The stream is running: neither delivered nor aborted.
-const OPEN: u8 = 0;
-/// The body yielded the last frame to hyper.
-const DELIVERED: u8 = 1;
-/// The sender aborted before the last frame was yielded.
-const ABORTED: u8 = 2;
+/// Slots a channel starts with. The queue grows by doubling up to the channel's capacity
+/// only when a client falls behind; a client that keeps up holds one or two frames, and
+/// every open stream pays for these slots (32 bytes each).
+const INITIAL_SLOTS: usize = 4;
 
-/// State shared by one sender/body pair; written at most twice per stream.
-struct Shared {
-    /// `OPEN`, then `DELIVERED` or `ABORTED`, whichever side gets there first.
-    state: AtomicU8,
-    /// The frame that replaces the rest of the stream after an abort. Written before the
-    /// state turns `ABORTED` and read only after, so the body always finds it set.
-    abort_frame: OnceLock<Bytes>,
+/// Everything one sender/body pair shares, in one allocation behind one lock.
+///
+/// A lock rather than atomics: the two sides are one producer and one consumer that
+/// meet once per frame, almost always on the same thread, so the lock is uncontended;
+/// and every rule below (last frame versus abort, closing versus queuing) is decided
+/// under it, so no interleaving needs an argument.
+struct Chan {
+    /// Frames not yet yielded, oldest first; never longer than `capacity`.
+    queue: VecDeque<Bytes>,
+    capacity: usize,
+    /// The newest queued frame completes the answer (`send_last`).
+    last_queued: bool,
+    /// Open, delivered or aborted.
+    state: State,
+    /// Replaces the unread frames after an abort.
+    abort_frame: Option<Bytes>,
+    /// The body has ended (yielded its last frame) or was dropped: the sender's
+    /// `closed()`.
+    body_gone: bool,
+    /// The sender was dropped: once the queue is drained the body ends.
+    sender_gone: bool,
+    /// The body, waiting for a frame.
+    body_waker: Option<Waker>,
+    /// The sender, waiting for room.
+    room_waker: Option<Waker>,
+    /// The sender, waiting for the body to go (`closed`, `delivered`).
+    closed_waker: Option<Waker>,
     /// When the body yielded its first frame: the server-side time to first byte.
-    first_yield: OnceLock<Instant>,
+    first_yield: Option<Instant>,
     /// When hyper dropped the body before it ended: the moment the client was lost, from
     /// which the producer's detection lag is measured.
-    dropped: OnceLock<Instant>,
+    dropped: Option<Instant>,
 }
 
-/// A message in the channel: a frame, or the frame that completes the answer.
-enum Msg {
-    Frame(Bytes),
-    Last(Bytes),
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Neither of the two below yet.
+    Open,
+    /// The body yielded the last frame to hyper.
+    Delivered,
+    /// The sender aborted before the last frame was yielded.
+    Aborted,
+}
+
+type Shared = Arc<Mutex<Chan>>;
+
+/// Locks the channel. Nothing panics while holding the lock, but a poisoned lock would
+/// still hold consistent state, so it is used rather than propagated.
+fn lock(shared: &Shared) -> MutexGuard<'_, Chan> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Stores `cx`'s waker in `slot`, cloning only when it changed.
+fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => *slot = Some(cx.waker().clone()),
+    }
 }
 
 /// Creates a body and its sender, buffering at most `capacity` frames.
@@ -87,56 +125,53 @@ pub fn channel(capacity: usize) -> (SseSender, SseBody) {
         capacity > 0,
         "an SSE channel needs room for at least one frame"
     );
-    let (tx, rx) = mpsc::channel(capacity);
-    let shared = Arc::new(Shared {
-        state: AtomicU8::new(OPEN),
-        abort_frame: OnceLock::new(),
-        first_yield: OnceLock::new(),
-        dropped: OnceLock::new(),
-    });
+    let shared = Arc::new(Mutex::new(Chan {
+        queue: VecDeque::with_capacity(capacity.min(INITIAL_SLOTS)),
+        capacity,
+        last_queued: false,
+        state: State::Open,
+        abort_frame: None,
+        body_gone: false,
+        sender_gone: false,
+        body_waker: None,
+        room_waker: None,
+        closed_waker: None,
+        first_yield: None,
+        dropped: None,
+    }));
     let body = SseBody {
-        rx: Some(rx),
         shared: shared.clone(),
-        yielded: false,
+        ended: false,
     };
-    (SseSender { tx, shared }, body)
+    (SseSender { shared }, body)
 }
 
 /// The response body hyper polls: yields frames in order, ends after the last one.
 pub struct SseBody {
-    /// `None` once the stream has ended. Dropping the receiver is what tells the sender
-    /// the stream is over, so it is dropped as soon as the last frame is yielded.
-    rx: Option<mpsc::Receiver<Msg>>,
-    shared: Arc<Shared>,
-    /// Whether a frame has been yielded yet; the first one is timestamped.
-    yielded: bool,
+    shared: Shared,
+    /// Set once the stream has ended; also a lock-free answer for `is_end_stream`.
+    ended: bool,
 }
 
-impl SseBody {
-    /// Ends the stream with the abort frame (the sender aborted).
-    fn take_abort_frame(&mut self) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx = None;
-        match self.shared.abort_frame.get().cloned() {
-            Some(b) => self.yield_frame(b),
-            None => Poll::Ready(None),
-        }
-    }
-
-    /// Hands a frame to hyper, noting the time of the first.
-    fn yield_frame(&mut self, b: Bytes) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if !self.yielded {
-            self.yielded = true;
-            let _ = self.shared.first_yield.set(Instant::now());
-        }
-        Poll::Ready(Some(Ok(Frame::data(b))))
+impl Chan {
+    /// The body is finished with: ended or dropped. Returns the sender's wakers, to wake
+    /// once the lock is released.
+    fn body_ends(&mut self) -> [Option<Waker>; 2] {
+        self.body_gone = true;
+        self.queue.clear();
+        [self.closed_waker.take(), self.room_waker.take()]
     }
 }
 
 impl Drop for SseBody {
     fn drop(&mut self) {
-        if self.rx.is_some() {
-            let _ = self.shared.dropped.set(Instant::now());
+        let mut chan = lock(&self.shared);
+        if !self.ended {
+            chan.dropped = Some(Instant::now());
         }
+        let wake = chan.body_ends();
+        drop(chan);
+        wake.into_iter().flatten().for_each(Waker::wake);
     }
 }
 
@@ -148,46 +183,39 @@ impl Body for SseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.rx.is_none() {
+        if self.ended {
             return Poll::Ready(None);
         }
-        if self.shared.state.load(Ordering::Acquire) == ABORTED {
-            return self.take_abort_frame();
-        }
-        let Some(rx) = self.rx.as_mut() else {
-            return Poll::Ready(None);
+        let mut chan = lock(&self.shared);
+        let (frame, wake, ends) = if chan.state == State::Aborted {
+            // The abort frame replaces whatever is still queued, and ends the stream.
+            (chan.abort_frame.take(), chan.body_ends(), true)
+        } else if let Some(frame) = chan.queue.pop_front() {
+            if chan.queue.is_empty() && chan.last_queued {
+                // Handing over the last frame is delivery; an abort can no longer win.
+                chan.state = State::Delivered;
+                (Some(frame), chan.body_ends(), true)
+            } else {
+                (Some(frame), [chan.room_waker.take(), None], false)
+            }
+        } else if chan.sender_gone {
+            // The producer stopped without a last frame.
+            (None, chan.body_ends(), true)
+        } else {
+            register(&mut chan.body_waker, cx);
+            return Poll::Pending;
         };
-        match rx.poll_recv(cx) {
-            Poll::Ready(Some(Msg::Frame(b))) => self.yield_frame(b),
-            Poll::Ready(Some(Msg::Last(b))) => {
-                let won = self.shared.state.compare_exchange(
-                    OPEN,
-                    DELIVERED,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                if won.is_err() {
-                    return self.take_abort_frame();
-                }
-                // Dropping the receiver wakes the sender's `closed()`/`delivered()`.
-                self.rx = None;
-                self.yield_frame(b)
-            }
-            Poll::Ready(None) => {
-                // Every sender is gone. If that was an abort, its frame ends the stream;
-                // otherwise the producer stopped without a last frame.
-                if self.shared.state.load(Ordering::Acquire) == ABORTED {
-                    return self.take_abort_frame();
-                }
-                self.rx = None;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
+        if frame.is_some() && chan.first_yield.is_none() {
+            chan.first_yield = Some(Instant::now());
         }
+        drop(chan);
+        self.ended = ends;
+        wake.into_iter().flatten().for_each(Waker::wake);
+        Poll::Ready(frame.map(|b| Ok(Frame::data(b))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rx.is_none()
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -198,15 +226,14 @@ impl Body for SseBody {
 impl std::fmt::Debug for SseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SseBody")
-            .field("ended", &self.rx.is_none())
+            .field("ended", &self.ended)
             .finish()
     }
 }
 
 /// The producing half: sends frames, and learns when the client has gone.
 pub struct SseSender {
-    tx: mpsc::Sender<Msg>,
-    shared: Arc<Shared>,
+    shared: Shared,
 }
 
 /// The body is gone: the client disconnected (or the stream already ended).
@@ -240,20 +267,16 @@ pub enum Delivery {
 }
 
 impl SseSender {
-    /// Queues a frame, waiting while the buffer is full. Fails only if the body is gone.
-    pub async fn send(&self, frame: Bytes) -> Result<(), Disconnected> {
-        self.tx
-            .send(Msg::Frame(frame))
-            .await
-            .map_err(|_| Disconnected)
+    /// Queues a frame if there is room now; never waits. After the last frame has been
+    /// queued, the stream takes nothing more: [`TrySendError::Disconnected`].
+    pub fn try_send(&self, frame: Bytes) -> Result<(), TrySendError> {
+        self.push(frame, false, None)
     }
 
-    /// Queues a frame if there is room now; never waits.
-    pub fn try_send(&self, frame: Bytes) -> Result<(), TrySendError> {
-        self.tx.try_send(Msg::Frame(frame)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(Msg::Frame(b) | Msg::Last(b)) => TrySendError::Full(b),
-            mpsc::error::TrySendError::Closed(_) => TrySendError::Disconnected,
-        })
+    /// Queues a frame, waiting while the buffer is full. Fails only if the body is gone
+    /// (or the last frame was already queued).
+    pub async fn send(&self, frame: Bytes) -> Result<(), Disconnected> {
+        self.send_waiting(frame, false).await
     }
 
     /// Queues the frame that completes the stream, waiting while the buffer is full.
@@ -261,35 +284,77 @@ impl SseSender {
     /// Queuing is not delivery: await [`delivered`](Self::delivered) to learn whether the
     /// body yielded it.
     pub async fn send_last(&self, frame: Bytes) -> Result<(), Disconnected> {
-        self.tx
-            .send(Msg::Last(frame))
-            .await
-            .map_err(|_| Disconnected)
+        self.send_waiting(frame, true).await
+    }
+
+    async fn send_waiting(&self, frame: Bytes, last: bool) -> Result<(), Disconnected> {
+        let mut frame = Some(frame);
+        poll_fn(|cx| {
+            let Some(f) = frame.take() else {
+                return Poll::Ready(Err(Disconnected));
+            };
+            match self.push(f, last, Some(cx)) {
+                Ok(()) => Poll::Ready(Ok(())),
+                Err(TrySendError::Disconnected) => Poll::Ready(Err(Disconnected)),
+                Err(TrySendError::Full(f)) => {
+                    frame = Some(f);
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    /// Queues `frame` if there is room; when full and given a context, registers it to
+    /// be woken when the body takes a frame.
+    fn push(&self, frame: Bytes, last: bool, cx: Option<&Context<'_>>) -> Result<(), TrySendError> {
+        let mut chan = lock(&self.shared);
+        if chan.body_gone || chan.last_queued || chan.state != State::Open {
+            return Err(TrySendError::Disconnected);
+        }
+        if chan.queue.len() >= chan.capacity {
+            if let Some(cx) = cx {
+                register(&mut chan.room_waker, cx);
+            }
+            return Err(TrySendError::Full(frame));
+        }
+        chan.queue.push_back(frame);
+        chan.last_queued = last;
+        let wake = chan.body_waker.take();
+        drop(chan);
+        if let Some(w) = wake {
+            w.wake();
+        }
+        Ok(())
     }
 
     /// Resolves when the body is gone: dropped by hyper (the client left), or ended after
     /// yielding the last frame. Cancel-safe, and cheap to keep pinned across a loop.
     pub async fn closed(&self) {
-        self.tx.closed().await
+        poll_fn(|cx| {
+            let mut chan = lock(&self.shared);
+            if chan.body_gone {
+                Poll::Ready(())
+            } else {
+                register(&mut chan.closed_waker, cx);
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Whether the body is already gone.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        lock(&self.shared).body_gone
     }
 
     /// Waits until the last frame is yielded to hyper or the body is dropped, and says
     /// which. Call after [`send_last`](Self::send_last).
     pub async fn delivered(&self) -> Delivery {
-        self.tx.closed().await;
-        self.delivery()
-    }
-
-    /// Whether the last frame has been yielded, right now.
-    fn delivery(&self) -> Delivery {
-        match self.shared.state.load(Ordering::Acquire) {
-            DELIVERED => Delivery::Delivered,
-            _ => Delivery::NotDelivered,
+        self.closed().await;
+        match lock(&self.shared).state {
+            State::Delivered => Delivery::Delivered,
+            State::Open | State::Aborted => Delivery::NotDelivered,
         }
     }
 
@@ -308,23 +373,27 @@ impl SseSender {
     /// Returns [`Delivery::Delivered`] if the body had already yielded the last frame, in
     /// which case nothing changes: a delivered answer cannot be taken back.
     pub fn abort(self, frame: Bytes) -> Delivery {
-        // Set before the state flips, so a body that sees ABORTED finds the frame.
-        let _ = self.shared.abort_frame.set(frame);
-        match self
-            .shared
-            .state
-            .compare_exchange(OPEN, ABORTED, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => Delivery::NotDelivered,
-            Err(DELIVERED) => Delivery::Delivered,
-            Err(_) => Delivery::NotDelivered,
+        let mut chan = lock(&self.shared);
+        match chan.state {
+            State::Delivered => return Delivery::Delivered,
+            State::Aborted => return Delivery::NotDelivered,
+            State::Open => {}
         }
-        // Dropping `self` closes the channel, which wakes a body waiting for a frame.
+        chan.state = State::Aborted;
+        chan.abort_frame = Some(frame);
+        chan.queue.clear();
+        let wake = chan.body_waker.take();
+        drop(chan);
+        if let Some(w) = wake {
+            w.wake();
+        }
+        Delivery::NotDelivered
     }
 
     /// Frames that can be queued right now without waiting.
     pub fn capacity(&self) -> usize {
-        self.tx.capacity()
+        let chan = lock(&self.shared);
+        chan.capacity - chan.queue.len()
     }
 
     /// A handle that reports the body's timestamps after the sender is gone.
@@ -335,21 +404,33 @@ impl SseSender {
     }
 }
 
+impl Drop for SseSender {
+    fn drop(&mut self) {
+        let mut chan = lock(&self.shared);
+        chan.sender_gone = true;
+        let wake = chan.body_waker.take();
+        drop(chan);
+        if let Some(w) = wake {
+            w.wake();
+        }
+    }
+}
+
 /// Timestamps of one body, readable by the producer at any time (for metrics).
 #[derive(Clone)]
 pub struct Probe {
-    shared: Arc<Shared>,
+    shared: Shared,
 }
 
 impl Probe {
     /// When the body yielded its first frame to hyper, if it has.
     pub fn first_frame_at(&self) -> Option<Instant> {
-        self.shared.first_yield.get().copied()
+        lock(&self.shared).first_yield
     }
 
     /// When hyper dropped the body before it ended (the client left), if it did.
     pub fn dropped_at(&self) -> Option<Instant> {
-        self.shared.dropped.get().copied()
+        lock(&self.shared).dropped
     }
 }
 
@@ -365,7 +446,7 @@ impl std::fmt::Debug for Probe {
 impl std::fmt::Debug for SseSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SseSender")
-            .field("closed", &self.tx.is_closed())
+            .field("closed", &self.is_closed())
             .finish()
     }
 }
@@ -452,6 +533,71 @@ mod tests {
             Err(TrySendError::Full(b)) => assert_eq!(b, "2"),
             other => panic!("expected Full, got {other:?}"),
         }
+    }
+
+    /// Awaits a spawned sender. Under paused time an idle runtime jumps to the bound at
+    /// once, so a sender that is never woken fails the test instead of hanging it.
+    async fn woken<T>(task: tokio::task::JoinHandle<T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(60), task)
+            .await
+            .expect("the waiting sender is woken")
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_waiting_for_room_goes_on_when_the_body_reads() {
+        let (tx, mut body) = channel(1);
+        tx.send(Bytes::from_static(b"1")).await.unwrap();
+        let sender = tokio::spawn(async move {
+            let sent = tx.send(Bytes::from_static(b"2")).await;
+            (sent, tx)
+        });
+        tokio::task::yield_now().await;
+        assert!(!sender.is_finished(), "the buffer is full");
+        assert_eq!(next(&mut body).await.unwrap(), "1");
+        let (sent, _tx) = woken(sender).await;
+        assert_eq!(sent, Ok(()));
+        assert_eq!(next(&mut body).await.unwrap(), "2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_waiting_for_room_fails_when_the_body_drops() {
+        let (tx, body) = channel(1);
+        tx.send(Bytes::from_static(b"1")).await.unwrap();
+        let sender = tokio::spawn(async move { tx.send(Bytes::from_static(b"2")).await });
+        tokio::task::yield_now().await;
+        assert!(!sender.is_finished(), "the buffer is full");
+        drop(body);
+        assert_eq!(woken(sender).await, Err(Disconnected));
+    }
+
+    #[tokio::test]
+    async fn nothing_is_queued_after_the_last_frame() {
+        let (tx, mut body) = channel(4);
+        tx.send_last(Bytes::from_static(b"done")).await.unwrap();
+        assert!(matches!(
+            tx.try_send(Bytes::from_static(b"late")),
+            Err(TrySendError::Disconnected)
+        ));
+        assert_eq!(next(&mut body).await.unwrap(), "done");
+        assert!(next(&mut body).await.is_none());
+    }
+
+    /// The queue starts small and grows to the capacity, never past it.
+    #[tokio::test]
+    async fn the_buffer_holds_exactly_its_capacity() {
+        let (tx, mut body) = channel(40);
+        for i in 0..40u8 {
+            tx.try_send(Bytes::from(vec![i])).unwrap();
+        }
+        assert!(matches!(
+            tx.try_send(Bytes::new()),
+            Err(TrySendError::Full(_))
+        ));
+        for i in 0..40u8 {
+            assert_eq!(next(&mut body).await.unwrap(), vec![i]);
+        }
+        assert_eq!(tx.capacity(), 40);
     }
 
     #[tokio::test]
