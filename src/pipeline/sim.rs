@@ -2,9 +2,11 @@
 //!
 //! It answers with the words of the retrieved passages, in rank order, with Markdown
 //! syntax stripped, so answers are on topic and the same query over the same corpus always
-//! streams the same tokens. Its whole cost is paid once, when the stream is created: every
-//! token frame is encoded into one shared buffer ([`Token::batch`]), so yielding a token
-//! moves a `Token` (two `Bytes` handles) out of a `Vec` and allocates nothing.
+//! streams the same tokens. Each passage's words are cut out and encoded as token frames
+//! once, the first time the passage is seen, and kept by the generator ([`WordCache`]);
+//! an answer is then a cursor over the passages' shared lists, and yielding a token clones
+//! two `Bytes` handles. Nothing is encoded or allocated per token, and next to nothing
+//! per answer, so what a load test measures is the server, not its stand-in model.
 //!
 //! Pacing uses absolute deadlines: token `i` is due at `start + ttft + i * token_interval`,
 //! where `start` is the moment [`Generator::generate`] is called (the model "receives the
@@ -13,7 +15,9 @@
 //! timer lateness never accumulates. One `Sleep` per stream is reset from deadline to
 //! deadline, and with no pacing at all the timer is never touched.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -54,12 +58,16 @@ impl Default for SimConfig {
 #[derive(Clone, Debug, Default)]
 pub struct SimGenerator {
     config: SimConfig,
+    words: Arc<WordCache>,
 }
 
 impl SimGenerator {
     /// A generator with the given pacing and length.
     pub fn new(config: SimConfig) -> Self {
-        SimGenerator { config }
+        SimGenerator {
+            config,
+            words: Arc::default(),
+        }
     }
 
     /// Its configuration.
@@ -70,7 +78,7 @@ impl SimGenerator {
 
 impl Generator for SimGenerator {
     fn generate(&self, prompt: Prompt) -> TokenStream {
-        let tokens = answer_tokens(&prompt, self.config.tokens);
+        let n = self.config.tokens;
         let SimConfig {
             ttft,
             token_interval,
@@ -85,12 +93,160 @@ impl Generator for SimGenerator {
         Box::pin(SimStream {
             usage: Some(Usage {
                 prompt_tokens: None,
-                completion_tokens: Some(tokens.len() as u32),
+                completion_tokens: Some(n),
             }),
-            tokens: tokens.into_iter(),
+            words: self.words.answer(&prompt, n as usize),
+            left: n,
             next: 0,
             pacing,
         })
+    }
+}
+
+/// One passage's words as tokens, each `" word"`, cut out and encoded once.
+#[derive(Debug)]
+struct PassageWords {
+    words: Vec<Token>,
+    /// The first word without its space, for an answer that starts with this passage.
+    first: Token,
+}
+
+impl PassageWords {
+    /// `None` for a passage without a single word (only markup, or empty).
+    fn of(text: &str) -> Option<PassageWords> {
+        let mut all = String::with_capacity(text.len());
+        let mut ends = Vec::new();
+        push_plain_words(text, &mut all, &mut ends);
+        let first_end = *ends.first()?;
+        let mut start = 0;
+        let texts = ends.iter().map(|&end| {
+            let word = &all[start..end];
+            start = end;
+            word
+        });
+        Some(PassageWords {
+            words: Token::batch(texts.collect::<Vec<_>>().iter().copied()),
+            first: shared_token(&all[1..first_end]),
+        })
+    }
+}
+
+/// A token whose buffers are already reference-counted. (`Token::new`'s are promoted
+/// to that on their first clone, which allocates: on a cached token, that would be in
+/// the middle of some later answer.)
+fn shared_token(text: &str) -> Token {
+    Token::batch([text])
+        .pop()
+        .unwrap_or_else(|| Token::new(text))
+}
+
+/// Passages the sim has already cut into tokens, keyed by their text's address.
+///
+/// Retrievers hand out clones of the same `Arc<str>` for the same passage (the built-in
+/// index does), so the address identifies the text; the cache keeps each text alive, so
+/// an address cannot be reused for another while it is cached. Bounded: once full, new
+/// passages are cut per answer and not kept (a retriever that builds fresh texts for
+/// every answer gains nothing here, and costs what it did before the cache).
+#[derive(Debug)]
+struct WordCache {
+    passages: Mutex<HashMap<usize, Cached>>,
+    /// The answer when the passages have no words at all.
+    fallback: Arc<PassageWords>,
+    separator: Token,
+}
+
+/// A passage's text (kept alive, so its address stays its own) and its words, `None`
+/// when it has none.
+type Cached = (Arc<str>, Option<Arc<PassageWords>>);
+
+/// Passages kept at most; the built-in corpus has a few dozen.
+const CACHED_PASSAGES: usize = 4096;
+
+impl Default for WordCache {
+    fn default() -> Self {
+        WordCache {
+            passages: Mutex::default(),
+            fallback: Arc::new(PassageWords::of(FALLBACK).unwrap_or_else(|| PassageWords {
+                words: vec![shared_token(FALLBACK)],
+                first: shared_token(FALLBACK),
+            })),
+            separator: shared_token(SEPARATOR),
+        }
+    }
+}
+
+impl WordCache {
+    /// The words an answer of `n` tokens draws on: the passages in rank order, as far as
+    /// they are needed.
+    fn answer(self: &Arc<Self>, prompt: &Prompt, n: usize) -> AnswerWords {
+        let mut lists = Vec::with_capacity(prompt.passages.len().min(8));
+        let mut total = 0;
+        {
+            let mut cached = self.passages.lock().unwrap_or_else(PoisonError::into_inner);
+            for passage in prompt.passages.iter() {
+                if total >= n {
+                    break;
+                }
+                let key = Arc::as_ptr(&passage.text).cast::<u8>() as usize;
+                let words = match cached.get(&key) {
+                    Some((text, words)) if Arc::ptr_eq(text, &passage.text) => words.clone(),
+                    _ => {
+                        let words = PassageWords::of(&passage.text).map(Arc::new);
+                        if cached.len() < CACHED_PASSAGES {
+                            cached.insert(key, (passage.text.clone(), words.clone()));
+                        }
+                        words
+                    }
+                };
+                if let Some(words) = words {
+                    total += words.words.len();
+                    lists.push(words);
+                }
+            }
+        }
+        if lists.is_empty() {
+            lists.push(self.fallback.clone());
+        }
+        AnswerWords {
+            lists,
+            list: 0,
+            word: 0,
+            started: false,
+            cache: self.clone(),
+        }
+    }
+}
+
+/// A cursor over an answer's passages: their words in order, then `" —"`, then from the
+/// start again, as often as the answer's length needs.
+struct AnswerWords {
+    /// Never empty, and no list in it is empty.
+    lists: Vec<Arc<PassageWords>>,
+    list: usize,
+    word: usize,
+    started: bool,
+    cache: Arc<WordCache>,
+}
+
+impl AnswerWords {
+    fn next_token(&mut self) -> Token {
+        if self.list == self.lists.len() {
+            self.list = 0;
+            return self.cache.separator.clone();
+        }
+        let words = &self.lists[self.list];
+        let token = if self.started {
+            words.words[self.word].clone()
+        } else {
+            self.started = true;
+            words.first.clone()
+        };
+        self.word += 1;
+        if self.word == words.words.len() {
+            self.list += 1;
+            self.word = 0;
+        }
+        token
     }
 }
 
@@ -104,41 +260,16 @@ impl Generator for SimGenerator {
 /// as needed. With no passages (or none with any words) the words of a fixed sentence,
 /// "I found nothing in the corpus about that question.", are used the same way.
 ///
-/// All texts and frames share two buffers (see [`Token::batch`]).
+/// This is what [`SimGenerator`] streams; it keeps each passage's tokens for the next
+/// answer, which this function does not.
 pub fn answer_tokens(prompt: &Prompt, n: u32) -> Vec<Token> {
-    let n = n as usize;
-    if n == 0 {
-        return Vec::new();
-    }
-    // Every word is stored as " word" in one string; `ends[i]` is where word `i` ends and
-    // word `i`'s text is `words[ends[i - 1]..ends[i]]`. No allocation per word.
-    let mut words = String::with_capacity(n.min(1024) * 8);
-    let mut ends = Vec::with_capacity(n.min(1024));
-    for passage in prompt.passages.iter() {
-        if ends.len() >= n {
-            break;
-        }
-        push_plain_words(&passage.text, &mut words, &mut ends, n);
-    }
-    if ends.is_empty() {
-        push_plain_words(FALLBACK, &mut words, &mut ends, n);
-    }
-
-    let word = |i: usize| &words[if i == 0 { 0 } else { ends[i - 1] }..ends[i]];
-    let cycle = ends.len() + 1; // the words, then the separator
-    let texts: Vec<&str> = (0..n)
-        .map(|j| match j % cycle {
-            0 if j == 0 => &word(0)[1..], // the answer starts without a space
-            r if r == ends.len() => SEPARATOR,
-            r => word(r),
-        })
-        .collect();
-    Token::batch(texts.iter().copied())
+    let mut words = Arc::new(WordCache::default()).answer(prompt, n as usize);
+    (0..n).map(|_| words.next_token()).collect()
 }
 
 /// Appends the plain-text words of Markdown `text` to `out` (each as `" word"`), recording
-/// each word's end in `ends`, until `ends` holds `limit` words.
-fn push_plain_words(text: &str, out: &mut String, ends: &mut Vec<usize>, limit: usize) {
+/// each word's end in `ends`.
+fn push_plain_words(text: &str, out: &mut String, ends: &mut Vec<usize>) {
     for line in text.lines() {
         let mut line = line.trim();
         if line.starts_with("```") || line.starts_with("~~~") || is_rule(line) {
@@ -154,10 +285,7 @@ fn push_plain_words(text: &str, out: &mut String, ends: &mut Vec<usize>, limit: 
         }
         line = strip_list_marker(line);
         let before = ends.len();
-        push_inline_words(line, out, ends, limit);
-        if ends.len() >= limit {
-            return;
-        }
+        push_inline_words(line, out, ends);
         // A heading runs straight into the next paragraph; a full stop keeps it readable.
         if heading && ends.len() > before && out.ends_with(char::is_alphanumeric) {
             out.push('.');
@@ -170,7 +298,7 @@ fn push_plain_words(text: &str, out: &mut String, ends: &mut Vec<usize>, limit: 
 
 /// Words of one line with inline Markdown removed: backticks and `*` vanish, `[text](url)`
 /// and `![alt](url)` keep only their text, and markup-only words (`|`, `-`, `:---:`) go.
-fn push_inline_words(line: &str, out: &mut String, ends: &mut Vec<usize>, limit: usize) {
+fn push_inline_words(line: &str, out: &mut String, ends: &mut Vec<usize>) {
     let mut word_start = None;
     let mut chars = line.chars().peekable();
     while let Some(c) = chars.next() {
@@ -185,9 +313,6 @@ fn push_inline_words(line: &str, out: &mut String, ends: &mut Vec<usize>, limit:
             }
             c if c.is_whitespace() => {
                 finish_word(&mut word_start, out, ends);
-                if ends.len() >= limit {
-                    return;
-                }
                 None
             }
             c => Some(c),
@@ -265,10 +390,11 @@ fn later(t: Instant, d: Duration) -> Instant {
     t.checked_add(d).unwrap_or_else(|| t + FAR)
 }
 
-/// The stream of one simulated answer: the prepared tokens, then one usage chunk.
+/// The stream of one simulated answer: `left` tokens, then one usage chunk.
 struct SimStream {
-    /// Remaining tokens; yielding one moves it out, which allocates nothing.
-    tokens: std::vec::IntoIter<Token>,
+    words: AnswerWords,
+    /// Tokens still to yield.
+    left: u32,
     /// Index of the next token, which fixes its deadline.
     next: u32,
     /// `None` when ttft and interval are both zero: every token is due at once.
@@ -321,18 +447,19 @@ impl Stream for SimStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if this.tokens.len() == 0 {
+        if this.left == 0 {
             return Poll::Ready(this.usage.take().map(|u| Ok(Chunk::Usage(u))));
         }
         if let Some(pacing) = &mut this.pacing {
             ready!(pacing.poll_due(this.next, cx));
         }
         this.next += 1;
-        Poll::Ready(this.tokens.next().map(|t| Ok(Chunk::Token(t))))
+        this.left -= 1;
+        Poll::Ready(Some(Ok(Chunk::Token(this.words.next_token()))))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let left = self.tokens.len() + usize::from(self.usage.is_some());
+        let left = self.left as usize + usize::from(self.usage.is_some());
         (left, Some(left))
     }
 }
@@ -472,10 +599,33 @@ mod tests {
         );
     }
 
+    fn tokens_of(chunks: Vec<Chunk>) -> Vec<Token> {
+        chunks
+            .into_iter()
+            .filter_map(|c| match c {
+                Chunk::Token(t) => Some(t),
+                Chunk::Usage(_) => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn frames_share_one_buffer() {
-        let t = answer_tokens(&prompt(&[SHORT]), 20);
-        for w in t.windows(2) {
+    fn answers_share_each_passage_s_frames() {
+        let sim = unpaced(20);
+        let p = prompt(&[SHORT]);
+        let first = tokens_of(collect_now(sim.generate(p.clone())));
+        let second = tokens_of(collect_now(sim.generate(p.clone())));
+        assert_eq!(first, second);
+        for (a, b) in first.iter().zip(&second) {
+            assert_eq!(
+                a.frame().as_ptr(),
+                b.frame().as_ptr(),
+                "the second answer reuses the first one's frames"
+            );
+        }
+        // After the first token (which has no leading space), a passage's words are
+        // slices of one buffer.
+        for w in first[1..11].windows(2) {
             let (a, b) = (w[0].frame(), w[1].frame());
             assert_eq!(
                 a.as_ptr() as usize + a.len(),
@@ -483,6 +633,56 @@ mod tests {
                 "frames are contiguous"
             );
         }
+    }
+
+    /// What the generator streams, from a cold cache and a warm one, is exactly
+    /// `answer_tokens`, for prompts of every shape and answers of every length.
+    #[test]
+    fn the_generator_streams_answer_tokens() {
+        let index = Bm25Index::builtin();
+        let mut prompts = vec![
+            prompt(&[SHORT]),
+            prompt(&[SHORT, "Second passage here."]),
+            prompt(&["| --- | :-: |", SHORT, "# A heading\nThen text."]),
+            prompt(&["```", "---"]),
+            prompt(&[]),
+        ];
+        for q in [
+            "how are quotas refunded",
+            "what is askstream",
+            "sse disconnect",
+        ] {
+            prompts.push(Prompt {
+                query: q.into(),
+                passages: Arc::from(index.search(q, 4)),
+            });
+        }
+        for n in [1, 2, 5, 11, 12, 13, 64, 300] {
+            let sim = unpaced(n);
+            for p in &prompts {
+                let expected = answer_tokens(p, n);
+                assert_eq!(expected.len(), n as usize);
+                for round in ["cold", "warm"] {
+                    let got = tokens_of(collect_now(sim.generate(p.clone())));
+                    assert_eq!(got, expected, "{round} cache, n = {n}, {:?}", p.passages);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let sim = unpaced(3);
+        let texts: Vec<String> = (0..CACHED_PASSAGES + 10)
+            .map(|i| format!("word{i} and more"))
+            .collect();
+        for text in &texts {
+            let p = prompt(&[text]);
+            let got = tokens_of(collect_now(sim.generate(p.clone())));
+            assert_eq!(got, answer_tokens(&p, 3));
+        }
+        let kept = sim.words.passages.lock().unwrap().len();
+        assert_eq!(kept, CACHED_PASSAGES);
     }
 
     #[test]
