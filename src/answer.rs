@@ -143,8 +143,9 @@ struct Stats {
 
 /// Where tokens go: the SSE channel or the JSON answer text.
 trait Sink {
-    /// Hands a token on, waiting for room; `Err` ends the answer.
-    fn token(&mut self, token: &Token) -> impl Future<Output = Result<(), End>>;
+    /// Hands a token on, waiting for room (but not past the server's stop); `Err` ends
+    /// the answer.
+    fn token(&mut self, token: &Token, p: &Pipeline) -> impl Future<Output = Result<(), End>>;
     /// Sends a heartbeat if it fits now (skipped while the buffer is full).
     fn heartbeat(&mut self);
     /// Whether heartbeats mean anything for this sink.
@@ -153,24 +154,31 @@ trait Sink {
 
 struct StreamSink<'a> {
     tx: &'a SseSender,
-    slow_client: Duration,
 }
 
 impl Sink for StreamSink<'_> {
-    async fn token(&mut self, token: &Token) -> Result<(), End> {
+    async fn token(&mut self, token: &Token, p: &Pipeline) -> Result<(), End> {
         match self.tx.try_send(token.frame().clone()) {
             Ok(()) => Ok(()),
             Err(TrySendError::Disconnected) => Err(End::Disconnected),
-            // The client is behind: wait for room, but not forever. The timer exists only
-            // on this slow path, and is boxed with the send: inline, the two would add
-            // some 400 bytes to every answer's future, slow or not.
+            // The client is behind: wait for room, but not forever, and not past the
+            // server's stop. The timer exists only on this slow path, and is boxed with
+            // the send: inline, the two would add some 400 bytes to every answer's future,
+            // slow or not.
             Err(TrySendError::Full(frame)) => {
-                let wait = Box::pin(tokio::time::timeout(self.slow_client, self.tx.send(frame)));
-                match wait.await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) => Err(End::Disconnected),
-                    Err(_) => Err(End::Failed(slow_client(self.slow_client))),
-                }
+                let wait = Box::pin(async {
+                    tokio::select! {
+                        sent = tokio::time::timeout(p.slow_client, self.tx.send(frame)) => {
+                            match sent {
+                                Ok(Ok(())) => Ok(()),
+                                Ok(Err(_)) => Err(End::Disconnected),
+                                Err(_) => Err(End::Failed(slow_client(p.slow_client))),
+                            }
+                        }
+                        () = p.shutdown.stopped() => Err(End::Failed(shutting_down())),
+                    }
+                });
+                wait.await
             }
         }
     }
@@ -189,7 +197,7 @@ struct JsonSink {
 }
 
 impl Sink for JsonSink {
-    async fn token(&mut self, token: &Token) -> Result<(), End> {
+    async fn token(&mut self, token: &Token, _: &Pipeline) -> Result<(), End> {
         self.answer.push_str(token.text());
         Ok(())
     }
@@ -241,36 +249,48 @@ async fn drive<S: Sink>(
     stats: &mut Stats,
 ) -> End {
     let mut stop = pin!(p.shutdown.stopped());
-    let first_deadline = ask.received + p.ttft_timeout;
-
-    // Retrieval can end in four ways: the client leaves, the server stops, the retriever
-    // answers, or the first-token deadline passes. The deadline is polled last so that an
-    // in-memory retriever, ready at once, never registers the timer.
-    let passages: Arc<[Passage]> = tokio::select! {
-        biased;
-        () = &mut gone => return End::Disconnected,
-        () = &mut stop => return End::Failed(shutting_down()),
-        r = p.retriever.retrieve(&ask.query, ask.top_k) => match r {
-            Ok(found) => found.into(),
-            Err(e) => return End::Failed(pipeline_error(e)),
-        },
-        () = sleep_until(first_deadline) => return End::Failed(no_first_token(p.ttft_timeout)),
-    };
-
-    let mut tokens = p.generator.generate(Prompt {
-        query: ask.query.clone(),
-        passages: passages.clone(),
-    });
-    let mut usage = Usage::default();
     let mut clock = Deadlines {
         received: ask.received,
         ttft_timeout: p.ttft_timeout,
         idle_timeout: p.idle_timeout,
         heartbeat: sink.wants_heartbeat().then_some(p.heartbeat),
         last_chunk: None,
+        // The response head went out at admission: heartbeats count from there, also
+        // while a slow retriever works.
         last_event: Instant::now(),
     };
+    // One timer for the whole answer, re-armed only when it fires (see `on_timer`).
     let mut timer = pin!(sleep_until(clock.next()));
+
+    // Retrieval can end in four ways: the client leaves, the server stops, the retriever
+    // answers, or the timer finds the first-token deadline passed (it may only send a
+    // heartbeat). The timer is polled last, so an in-memory retriever, ready at once,
+    // never registers it.
+    let mut retrieving = p.retriever.retrieve(&ask.query, ask.top_k);
+    let passages: Arc<[Passage]> = loop {
+        tokio::select! {
+            biased;
+            () = &mut gone => return End::Disconnected,
+            () = &mut stop => return End::Failed(shutting_down()),
+            r = &mut retrieving => match r {
+                Ok(found) => break found.into(),
+                Err(e) => return End::Failed(pipeline_error(e)),
+            },
+            () = &mut timer => {
+                if let Some(end) = on_timer(p, &mut clock, sink) {
+                    return end;
+                }
+                timer.as_mut().reset(clock.next());
+            }
+        }
+    };
+    drop(retrieving);
+
+    let mut tokens = p.generator.generate(Prompt {
+        query: ask.query.clone(),
+        passages: passages.clone(),
+    });
+    let mut usage = Usage::default();
 
     loop {
         // What can happen while the answer runs:
@@ -283,19 +303,27 @@ async fn drive<S: Sink>(
             () = &mut gone => return End::Disconnected,
             () = &mut stop => return End::Failed(shutting_down()),
             item = poll_fn(|cx| tokens.as_mut().poll_next(cx)) => {
-                let now = Instant::now();
-                match item {
-                    Some(Ok(Chunk::Token(t))) => {
-                        if let Err(end) = sink.token(&t).await {
-                            return end;
-                        }
-                        stats.tokens += 1;
-                        stats.first_token.get_or_insert(now);
-                        clock.last_event = now;
+                let token = match item {
+                    Some(Ok(Chunk::Token(t))) => Some(t),
+                    Some(Ok(Chunk::Usage(u))) => {
+                        usage = u;
+                        None
                     }
-                    Some(Ok(Chunk::Usage(u))) => usage = u,
                     Some(Err(e)) => return End::Failed(pipeline_error(e)),
                     None => return End::Complete { passages, usage },
+                };
+                if let Some(t) = &token
+                    && let Err(end) = sink.token(t, p).await
+                {
+                    return end;
+                }
+                // Read after the hand-off: a client that kept the token waiting for room
+                // must not make the generator look idle.
+                let now = Instant::now();
+                if token.is_some() {
+                    stats.tokens += 1;
+                    stats.first_token.get_or_insert(now);
+                    clock.last_event = now;
                 }
                 // The timer is re-armed lazily (it fires early, then moves on), which is
                 // sound only while deadlines move later. The first chunk swaps the
@@ -307,21 +335,31 @@ async fn drive<S: Sink>(
                 }
             }
             () = &mut timer => {
-                let now = Instant::now();
-                if now >= clock.generator_deadline() {
-                    return End::Failed(match clock.last_chunk {
-                        None => no_first_token(p.ttft_timeout),
-                        Some(_) => stalled(p.idle_timeout),
-                    });
-                }
-                if clock.heartbeat.is_some_and(|h| now >= clock.last_event + h) {
-                    sink.heartbeat();
-                    clock.last_event = now;
+                if let Some(end) = on_timer(p, &mut clock, sink) {
+                    return end;
                 }
                 timer.as_mut().reset(clock.next());
             }
         }
     }
+}
+
+/// The answer's timer fired: fail it if the generator's deadline (first token or idle)
+/// has passed, send a heartbeat if one is due, or nothing (it fired for a deadline that
+/// has since moved). The caller re-arms it for `clock.next()`.
+fn on_timer(p: &Pipeline, clock: &mut Deadlines, sink: &mut impl Sink) -> Option<End> {
+    let now = Instant::now();
+    if now >= clock.generator_deadline() {
+        return Some(End::Failed(match clock.last_chunk {
+            None => no_first_token(p.ttft_timeout),
+            Some(_) => stalled(p.idle_timeout),
+        }));
+    }
+    if clock.heartbeat.is_some_and(|h| now >= clock.last_event + h) {
+        sink.heartbeat();
+        clock.last_event = now;
+    }
+    None
 }
 
 /// Streams one answer into `tx`; owns the charge and settles or refunds it exactly once.
@@ -340,10 +378,7 @@ pub(crate) fn stream(
     answer.probe = Some(tx.probe());
     async move {
         let end = {
-            let mut sink = StreamSink {
-                tx: &tx,
-                slow_client: p.slow_client,
-            };
+            let mut sink = StreamSink { tx: &tx };
             let gone = pin!(tx.closed());
             let drive = pin!(drive(&p, &answer.ask, &mut sink, gone, &mut answer.stats));
             catch_unwind(drive).await
@@ -532,7 +567,10 @@ impl Settlement {
             },
             refunded,
             tokens: self.stats.tokens,
+            // An answer that failed before its first token has no time to first token,
+            // even if its error event went out.
             ttft: probe
+                .filter(|_| self.stats.tokens > 0)
                 .and_then(Probe::first_frame_at)
                 .map(|t| t - self.ask.received),
             disconnect_lag: match outcome {

@@ -208,7 +208,7 @@ impl Metrics {
             "Asks refused with QUOTA_EXCEEDED.",
             quota,
         );
-        self.ttft.render(&mut out, "askstream_ttft_seconds", "Server-side time to first token: request received to first frame handed to the connection.");
+        self.ttft.render(&mut out, "askstream_ttft_seconds", "Server-side time to first token: request received to the first token event handed to the connection.");
         self.disconnect_lag.render(
             &mut out,
             "askstream_disconnect_detection_seconds",

@@ -376,7 +376,9 @@ async fn racing_ask(addr: SocketAddr, user: String, tokens: usize) -> Seen {
         Seen::Done
     } else {
         assert_error_event(last, "SHUTTING_DOWN");
-        assert!(streamed < tokens);
+        // Every token may have gone out: the stop can land after the generator finished
+        // and before the body yielded `done`. That answer was not delivered whole.
+        assert!(streamed <= tokens);
         Seen::Cut
     }
 }

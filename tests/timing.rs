@@ -13,10 +13,15 @@
 
 mod support;
 
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use askstream::Config;
+use askstream::auth::UserId;
+use askstream::pipeline::{BoxFuture, Passage, PipelineError, Retriever};
+use askstream::quota::QuotaStore;
+use askstream::{AskService, Config};
 use serde_json::{Value, json};
+use support::script::{ScriptGen, Step};
 use support::*;
 use tokio::io::AsyncReadExt;
 
@@ -504,4 +509,121 @@ async fn a_steady_slow_reader_gets_every_token_in_order() {
     assert_eq!(shape(&frames), runs(&[("token", TOKENS), ("done", 1)]));
     assert_eq!(last_data(&frames)["usage"]["completionTokens"], TOKENS);
     assert_eq!(token_text(&frames), answer, "the same text as JSON mode");
+}
+
+// ---------------------------------------------------------------------------------------
+// Waits that are not the model's
+// ---------------------------------------------------------------------------------------
+
+/// A retriever that takes 40 s (a slow vector store), then finds nothing.
+struct SlowRetriever;
+
+impl Retriever for SlowRetriever {
+    fn retrieve<'a>(
+        &'a self,
+        _: &'a str,
+        _: usize,
+    ) -> BoxFuture<'a, Result<Vec<Passage>, PipelineError>> {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            Ok(Vec::new())
+        })
+    }
+}
+
+/// The response head goes out before retrieval, so a slow retriever's silence is filled
+/// with heartbeats just like a slow model's: at 15 and 30 s, then the answer.
+#[tokio::test(start_paused = true)]
+async fn heartbeats_fill_a_slow_retrieval() {
+    let service = AskService::builder(config(|c| {
+        c.heartbeat_secs = 15;
+        c.ttft_timeout_ms = 120_000;
+    }))
+    .retriever(Arc::new(SlowRetriever))
+    .build()
+    .expect("service builds");
+    let server = TestServer::start_with(service).await;
+    let frames = stream_frames(server.addr, "slow-retrieval", QUERY).await;
+    assert_eq!(
+        shape(&frames),
+        runs(&[("hb", 2), ("token", 8), ("done", 1)])
+    );
+}
+
+/// One token frame too big for any buffer on the way (socket, hyper, a 1-slot channel),
+/// so the third one waits for room as long as the client does not read.
+static BIG: LazyLock<&'static str> =
+    LazyLock::new(|| Box::leak(" big".repeat(2_500_000).into_boxed_str()));
+
+fn stall_then_pause(_: &str) -> Vec<Step> {
+    vec![
+        Step::Tok(&BIG),
+        Step::Tok(&BIG),
+        Step::Tok(&BIG),
+        Step::Pause(Duration::from_secs(1)),
+        Step::Tok(" end"),
+    ]
+}
+
+/// A client that stops reading for 10 s, longer than the 2 s idle timeout (but within
+/// the slow-client allowance), holds the third token in the server. The model then
+/// pauses 1 s. That pause is all the model's silence: the answer completes, and the
+/// client's stall is not counted as the model's (`UPSTREAM_TIMEOUT`).
+#[tokio::test(start_paused = true)]
+async fn a_client_stall_is_not_counted_as_the_model_being_silent() {
+    let service = AskService::builder(config(|c| {
+        c.idle_timeout_ms = 2000;
+        c.slow_client_secs = 30;
+        c.heartbeat_secs = 3600;
+        c.stream_buffer = 1;
+    }))
+    .generator(Arc::new(ScriptGen(stall_then_pause)))
+    .build()
+    .expect("service builds");
+    let server = TestServer::start_with(service).await;
+    let mut c = small_window_conn(server.addr).await;
+    start_stream(&mut c, "stalling-reader", QUERY).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (body, complete) = c.read_chunked_body().await;
+    assert!(complete, "the chunked body ends with its last chunk");
+    let frames = frames(&body);
+    assert_eq!(shape(&frames), runs(&[("token", 4), ("done", 1)]));
+}
+
+/// The grace period ends while a token waits for room (the client stopped reading): the
+/// answer ends at once with `SHUTTING_DOWN`, refunded, rather than waiting out the
+/// slow-client allowance past the server's exit.
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_an_answer_waiting_for_room() {
+    let service = AskService::builder(config(|c| {
+        c.shutdown_grace_secs = 1;
+        c.slow_client_secs = 3600;
+        c.heartbeat_secs = 3600;
+        c.stream_buffer = 1;
+    }))
+    .generator(Arc::new(ScriptGen(stall_then_pause)))
+    .build()
+    .expect("service builds");
+    let mut server = TestServer::start_with(service).await;
+    let user = "waiting-at-shutdown";
+    let before = remaining(server.addr, user).await;
+    let mut c = small_window_conn(server.addr).await;
+    start_stream(&mut c, user, QUERY).await;
+    tokio::time::timeout(Duration::from_secs(60), server.signal_shutdown())
+        .await
+        .expect("serve returns within the grace period and the final flush")
+        .expect("serve does not panic");
+    answers_finished(&server).await;
+    let (body, complete) = c.read_chunked_body().await;
+    assert!(complete, "the chunked body ends with its last chunk");
+    assert_error_object(last_data(&frames(&body)), "SHUTTING_DOWN");
+    let limit = server.service.config().quota_limit;
+    let after = server
+        .service
+        .quota()
+        .status(&UserId::from_secret(user), limit)
+        .await
+        .expect("the in-memory store answers")
+        .remaining;
+    assert_eq!(u64::from(after), before, "refunded");
 }

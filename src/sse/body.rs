@@ -17,8 +17,8 @@
 //!   body being dropped.
 //! - **The stream was cut short.** [`abort`](SseSender::abort) replaces whatever the body has
 //!   not yielded yet with one final frame (an error event), for clients that stopped reading
-//!   or a server that must stop now. Delivery and abort race through one atomic, so exactly
-//!   one of them wins.
+//!   or a server that must stop now. Delivery and abort are decided under the channel's
+//!   lock, so exactly one of them wins.
 //!
 //! Memory is bounded by the channel capacity, whatever the client does.
 //!
@@ -51,8 +51,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-/// Slots a channel starts with. The queue grows by doubling up to the channel's capacity
-/// only when a client falls behind; a client that keeps up holds one or two frames, and
+/// Slots a channel starts with. The queue grows (by doubling, so its storage can round
+/// a capacity up to the next power of two) only when a client falls behind; a client that keeps up holds one or two frames, and
 /// every open stream pays for these slots (32 bytes each).
 const INITIAL_SLOTS: usize = 4;
 
@@ -83,7 +83,8 @@ struct Chan {
     room_waker: Option<Waker>,
     /// The sender, waiting for the body to go (`closed`, `delivered`).
     closed_waker: Option<Waker>,
-    /// When the body yielded its first frame: the server-side time to first byte.
+    /// When the body yielded its first event (a `data:` frame; heartbeat comments do not
+    /// count): the server-side time to first token.
     first_yield: Option<Instant>,
     /// When hyper dropped the body before it ended: the moment the client was lost, from
     /// which the producer's detection lag is measured.
@@ -205,7 +206,7 @@ impl Body for SseBody {
             register(&mut chan.body_waker, cx);
             return Poll::Pending;
         };
-        if frame.is_some() && chan.first_yield.is_none() {
+        if chan.first_yield.is_none() && frame.as_ref().is_some_and(|f| !f.starts_with(b":")) {
             chan.first_yield = Some(Instant::now());
         }
         drop(chan);
@@ -423,7 +424,7 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// When the body yielded its first frame to hyper, if it has.
+    /// When the body yielded its first event (not a heartbeat comment) to hyper, if it has.
     pub fn first_frame_at(&self) -> Option<Instant> {
         lock(&self.shared).first_yield
     }
@@ -509,6 +510,18 @@ mod tests {
             None,
             "a body that ended was not cut short"
         );
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_is_not_the_first_event() {
+        let (tx, mut body) = channel(4);
+        let probe = tx.probe();
+        tx.send(crate::sse::encode::KEEP_ALIVE).await.unwrap();
+        next(&mut body).await.unwrap();
+        assert_eq!(probe.first_frame_at(), None, "a comment is not an event");
+        tx.send(Bytes::from_static(b"data: {}\n\n")).await.unwrap();
+        next(&mut body).await.unwrap();
+        assert!(probe.first_frame_at().is_some());
     }
 
     #[tokio::test]
@@ -613,13 +626,14 @@ mod tests {
         assert!(next(&mut body).await.is_none());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn abort_wakes_a_waiting_body() {
         let (tx, mut body) = channel(8);
         let reader = tokio::spawn(async move { next(&mut body).await });
         tokio::task::yield_now().await;
+        assert!(!reader.is_finished(), "nothing to read yet");
         tx.abort(Bytes::from_static(b"err"));
-        assert_eq!(reader.await.unwrap().unwrap(), "err");
+        assert_eq!(woken(reader).await.unwrap(), "err");
     }
 
     #[tokio::test]

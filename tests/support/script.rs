@@ -2,8 +2,10 @@
 //! panic, or silence), so a test can make the model fail exactly where it wants.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use askstream::pipeline::{Chunk, Generator, PipelineError, Prompt, Token, TokenStream};
 
@@ -15,23 +17,38 @@ pub enum Step {
     Panic,
     /// Never yields again (and never wakes): a model that went silent.
     Hang,
+    /// Yields nothing for this long (a tokio timer), then goes on.
+    Pause(Duration),
 }
 
-struct Script(VecDeque<Step>);
+struct Script {
+    steps: VecDeque<Step>,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
 
 impl futures_core::Stream for Script {
     type Item = Result<Chunk, PipelineError>;
 
-    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.0.pop_front() {
-            None => Poll::Ready(None),
-            Some(Step::Tok(t)) => Poll::Ready(Some(Ok(Chunk::Token(Token::new(t))))),
-            Some(Step::Fail(e)) => Poll::Ready(Some(Err(e))),
-            Some(Step::Panic) => panic!("the test generator panics on purpose"),
-            Some(Step::Hang) => {
-                self.0.push_front(Step::Hang);
-                Poll::Pending
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(pause) = self.pause.as_mut() {
+                ready!(pause.as_mut().poll(cx));
+                self.pause = None;
             }
+            return match self.steps.pop_front() {
+                None => Poll::Ready(None),
+                Some(Step::Tok(t)) => Poll::Ready(Some(Ok(Chunk::Token(Token::new(t))))),
+                Some(Step::Fail(e)) => Poll::Ready(Some(Err(e))),
+                Some(Step::Panic) => panic!("the test generator panics on purpose"),
+                Some(Step::Hang) => {
+                    self.steps.push_front(Step::Hang);
+                    Poll::Pending
+                }
+                Some(Step::Pause(d)) => {
+                    self.pause = Some(Box::pin(tokio::time::sleep(d)));
+                    continue;
+                }
+            };
         }
     }
 }
@@ -41,6 +58,9 @@ pub struct ScriptGen(pub fn(&str) -> Vec<Step>);
 
 impl Generator for ScriptGen {
     fn generate(&self, prompt: Prompt) -> TokenStream {
-        Box::pin(Script((self.0)(&prompt.query).into()))
+        Box::pin(Script {
+            steps: (self.0)(&prompt.query).into(),
+            pause: None,
+        })
     }
 }
