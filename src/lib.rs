@@ -5,7 +5,7 @@
 //! # How a request flows
 //!
 //! ```text
-//! accept ─▶ HTTP/1.1 or h2c ─▶ route ─▶ parse ─▶ identify ─▶ charge quota
+//! accept ─▶ HTTP/1.1 or h2c ─▶ route ─▶ identify ─▶ parse ─▶ charge quota
 //!    ─▶ retrieve ─▶ generate tokens ─▶ encode frames ─▶ channel body ─▶ socket
 //! ```
 //!

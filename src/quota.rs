@@ -572,7 +572,7 @@ fn effective(state: u64, now: u32) -> (u32, u32) {
 }
 
 /// Seconds since the Unix epoch by the wall clock (0 if the clock is before 1970).
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

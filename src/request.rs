@@ -25,9 +25,9 @@ pub const MAX_TOP_K: usize = 20;
 /// A validated ask.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AskRequest {
-    /// The question, trimmed, 1..=4000 characters.
+    /// The question, trimmed, 1 to [`MAX_QUERY_CHARS`] characters.
     pub query: Arc<str>,
-    /// How many passages to retrieve, 1..=20.
+    /// How many passages to retrieve, 1 to [`MAX_TOP_K`].
     pub top_k: usize,
 }
 
@@ -62,14 +62,15 @@ pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
         .to_str()
         .ok()
         .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase());
+        .map(str::trim);
+    let json = |e: &str| {
+        let (kind, sub) = e.split_once('/').unwrap_or((e, ""));
+        kind.eq_ignore_ascii_case("application")
+            && (sub.eq_ignore_ascii_case("json")
+                || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case("+json"))
+    };
     match essence {
-        Some(e)
-            if e == "application/json"
-                || (e.starts_with("application/") && e.ends_with("+json")) =>
-        {
-            Ok(())
-        }
+        Some(e) if json(e) => Ok(()),
         _ => Err(ApiError::new(
             ErrorCode::UnsupportedMediaType,
             "the request body must be JSON (content-type: application/json)",
@@ -132,7 +133,7 @@ pub fn parse_ask(body: &[u8]) -> Result<AskRequest, ApiError> {
     let top_k = match raw.top_k {
         None | Some(serde_json::Value::Null) => DEFAULT_TOP_K,
         Some(v) => match v.as_u64() {
-            Some(k @ 1..=20) => k as usize,
+            Some(k) if (1..=MAX_TOP_K as u64).contains(&k) => k as usize,
             _ => {
                 return Err(bad_request(format!(
                     "`topK` must be an integer from 1 to {MAX_TOP_K}"

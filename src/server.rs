@@ -16,7 +16,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::quota::{QuotaMap, QuotaStore};
+use crate::quota::QuotaStore;
 use crate::service::{AskService, StartupError};
 
 /// How long connections get to flush their final events after the grace period, before
@@ -38,8 +38,8 @@ pub async fn run(
     listener: TcpListener,
     signal: impl Future<Output = ()>,
 ) -> Result<(), StartupError> {
-    let quota = Arc::new(QuotaMap::new(config.quota_window));
-    let service = AskService::builder(config).quota(quota.clone()).build()?;
+    let service = AskService::builder(config).build()?;
+    let quota = service.quota().clone();
     if service.config().keys.is_none() {
         tracing::warn!(
             "no --keys file: open mode, the user is the bearer token or else the client IP"
@@ -109,9 +109,10 @@ pub async fn serve<Q: QuotaStore>(
                     .watch(protocols.http1.serve_connection(io, service))
                     .await
                     .map_err(Into::into),
+                // Boxed, as is the rare case below: h2 connections are few and long-lived.
                 Sniffed::Http2 => {
                     let conn = protocols.http2.serve_connection(io, service);
-                    Box::pin(watcher.watch(conn)).await
+                    Box::pin(watcher.watch(conn)).await.map_err(Into::into)
                 }
                 Sniffed::Unsure => {
                     let conn = protocols.unsure.serve_connection(io, service);
@@ -159,6 +160,9 @@ pub async fn serve<Q: QuotaStore>(
 /// Waits for a connection's first bytes and says what they speak, leaving them in the
 /// socket. `None`: silent for the whole header timeout (slowloris), closed before a
 /// byte, failed, or the accept loop ended first; nothing to serve.
+///
+/// hyper's header timeout starts afresh once it reads, so a client whose first byte
+/// comes just before this deadline has up to twice `--header-timeout-secs` for its head.
 async fn sniff(stream: &TcpStream, within: Duration, stop: &CancellationToken) -> Option<Sniffed> {
     let mut first = [0; H2_PREFACE.len()];
     tokio::select! {
@@ -199,32 +203,35 @@ impl Sniffed {
     }
 }
 
-/// The connection builders, configured alike. Told the protocol, none of them detects it
-/// (hyper-util's detection reads and replays the first bytes).
+/// The connection builders, configured alike: hyper's own for a known protocol, and
+/// hyper-util's detecting one (which reads and replays the first bytes) for a split h2
+/// preface.
 struct Protocols {
     http1: http1::Builder,
-    http2: auto::Builder<TokioExecutor>,
-    /// Detects the protocol itself, for a split h2 preface.
+    http2: http2::Builder<TokioExecutor>,
     unsure: auto::Builder<TokioExecutor>,
 }
 
 impl Protocols {
     fn new(config: &Config) -> Protocols {
+        // hyper-util's builder wraps hyper's two but takes no finished ones, hence the
+        // same settings twice.
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_timeout())
-            .keep_alive(true);
-        let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1()
+            .header_read_timeout(config.header_timeout());
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        let mut unsure = auto::Builder::new(TokioExecutor::new());
+        unsure
+            .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_timeout())
-            .keep_alive(true);
-        auto.http2().timer(TokioTimer::new());
+            .header_read_timeout(config.header_timeout());
+        unsure.http2().timer(TokioTimer::new());
         Protocols {
             http1,
-            http2: auto.clone().http2_only(),
-            unsure: auto,
+            http2,
+            unsure,
         }
     }
 }

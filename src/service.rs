@@ -7,7 +7,7 @@
 //! and every failure here has a proper HTTP answer.
 //!
 //! An ask passes its checks in this order, each refusing before any quota is touched:
-//! draining → `stream` flag → content type → identity → body (size, time) → JSON rules →
+//! `stream` flag → draining → content type → identity → body (size, time) → JSON rules →
 //! `--max-streams` → quota. Only then is the answer started.
 
 use std::convert::Infallible;
@@ -17,12 +17,12 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use hyper::service::Service;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -53,8 +53,9 @@ pub const METRICS_PATH: &str = "/metrics";
 /// Liveness and draining state, for load balancers.
 pub const HEALTH_PATH: &str = "/healthz";
 
-/// The client's address, for open mode's per-IP quota. The server inserts it into every
-/// request's extensions; an embedder may insert it too (or use [`AskService::with_peer`]).
+/// The client's address, for open mode's per-IP quota, for an embedder to insert into a
+/// request's extensions. (The server itself serves each connection with
+/// [`AskService::with_peer`].)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
@@ -105,7 +106,8 @@ pub enum StartupError {
 impl std::fmt::Display for StartupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartupError::Keys(e) => write!(f, "keys file: {e}"),
+            // `Auth::from_file` names the file itself.
+            StartupError::Keys(e) => write!(f, "{e}"),
             StartupError::Docs { path, error } => {
                 write!(f, "documents folder {}: {error}", path.display())
             }
@@ -303,19 +305,20 @@ impl<Q: QuotaStore> AskService<Q> {
             (&Method::GET | &Method::HEAD, QUOTA_PATH) => return self.quota_status(req).await,
             (&Method::GET | &Method::HEAD, HEALTH_PATH) => return self.health(),
             (&Method::GET | &Method::HEAD, METRICS_PATH) => return self.metrics_text(),
-            (
-                &Method::GET | &Method::HEAD,
-                path @ (web::PAGE_PATH | web::APP_PATH | web::CLIENT_PATH | web::STYLE_PATH),
-            ) => return web_file(path),
             (_, ASK_PATH) => "POST",
             (_, QUOTA_PATH | HEALTH_PATH | METRICS_PATH) => "GET, HEAD",
-            (_, web::PAGE_PATH | web::APP_PATH | web::CLIENT_PATH | web::STYLE_PATH) => "GET, HEAD",
-            _ => {
-                return error_response(
-                    &ApiError::new(ErrorCode::NotFound, "no such endpoint"),
-                    Mode::Json,
-                );
-            }
+            (method, path) => match web::asset(path) {
+                Some(file) if matches!(*method, Method::GET | Method::HEAD) => {
+                    return file.response().map(|b| AskBody::Full(Full::new(b)));
+                }
+                Some(_) => "GET, HEAD",
+                None => {
+                    return error_response(
+                        &ApiError::new(ErrorCode::NotFound, "no such endpoint"),
+                        Mode::Json,
+                    );
+                }
+            },
         };
         let err = ApiError::new(
             ErrorCode::MethodNotAllowed,
@@ -480,7 +483,7 @@ impl<Q: QuotaStore> AskService<Q> {
     }
 
     fn metrics_text(&self) -> Response<AskBody> {
-        let mut res = Response::new(AskBody::Full(Some(Bytes::from(
+        let mut res = Response::new(AskBody::Full(Full::new(Bytes::from(
             self.metrics().render(self.in_flight() as u64),
         ))));
         res.headers_mut().insert(
@@ -497,7 +500,9 @@ impl<Q: QuotaStore> AskService<Q> {
         } else {
             (StatusCode::OK, "ok\n")
         };
-        let mut res = Response::new(AskBody::Full(Some(Bytes::from_static(text.as_bytes()))));
+        let mut res = Response::new(AskBody::Full(Full::new(Bytes::from_static(
+            text.as_bytes(),
+        ))));
         *res.status_mut() = status;
         res.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -554,7 +559,7 @@ fn error_response(err: &ApiError, mode: Mode) -> Response<AskBody> {
         Mode::Json => json_response(err.code.status(), err.to_json()),
         Mode::Sse(version) => sse_response(
             err.code.status(),
-            AskBody::Full(Some(err.to_event())),
+            AskBody::Full(Full::new(err.to_event())),
             version,
             None,
         ),
@@ -567,7 +572,7 @@ fn error_response(err: &ApiError, mode: Mode) -> Response<AskBody> {
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response<AskBody> {
-    let mut res = Response::new(AskBody::Full(Some(body)));
+    let mut res = Response::new(AskBody::Full(Full::new(body)));
     *res.status_mut() = status;
     res.headers_mut().insert(header::CONTENT_TYPE, JSON);
     res
@@ -595,36 +600,15 @@ fn sse_response(
     res
 }
 
-/// A file of the demo page; the route match only sends paths that [`web`] serves.
-fn web_file(path: &str) -> Response<AskBody> {
-    match web::asset(path) {
-        Some(asset) => asset.response().map(|b| AskBody::Full(Some(b))),
-        None => error_response(
-            &ApiError::new(ErrorCode::NotFound, "no such endpoint"),
-            Mode::Json,
-        ),
-    }
-}
-
 fn quota_error(e: QuotaError) -> ApiError {
-    match e {
-        QuotaError::Exceeded { limit, resets_at } => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            ApiError::new(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "all {limit} asks of this window are used; the quota resets at {}",
-                    quota::rfc3339(resets_at)
-                ),
-            )
-            .with_retry_after(resets_at.saturating_sub(now).max(1))
-        }
-        QuotaError::Unavailable(msg) => ApiError::new(
-            ErrorCode::Internal,
-            format!("the quota store is unavailable: {msg}"),
-        ),
+    let code = match e {
+        QuotaError::Exceeded { .. } => ErrorCode::QuotaExceeded,
+        QuotaError::Unavailable(_) => ErrorCode::Internal,
+    };
+    let err = ApiError::new(code, e.to_string());
+    match e.retry_after_secs(quota::unix_now()) {
+        Some(secs) => err.with_retry_after(secs),
+        None => err,
     }
 }
 
@@ -632,8 +616,8 @@ fn quota_error(e: QuotaError) -> ApiError {
 /// monomorphic; the variants are the three shapes of an answer.
 #[derive(Debug)]
 pub enum AskBody {
-    /// A complete small body (errors, quota, health). `None` once yielded.
-    Full(Option<Bytes>),
+    /// A complete small body (errors, quota, health).
+    Full(Full<Bytes>),
     /// A streaming answer.
     Sse(SseBody),
     /// A JSON answer, which settles its charge when yielded.
@@ -649,7 +633,7 @@ impl Body for AskBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
-            AskBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            AskBody::Full(b) => Pin::new(b).poll_frame(cx),
             AskBody::Sse(b) => Pin::new(b).poll_frame(cx),
             AskBody::Json(b) => Pin::new(b).poll_frame(cx),
         }
@@ -657,7 +641,7 @@ impl Body for AskBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            AskBody::Full(b) => b.is_none(),
+            AskBody::Full(b) => b.is_end_stream(),
             AskBody::Sse(b) => b.is_end_stream(),
             AskBody::Json(b) => b.is_end_stream(),
         }
@@ -665,7 +649,7 @@ impl Body for AskBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            AskBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            AskBody::Full(b) => b.size_hint(),
             AskBody::Sse(b) => b.size_hint(),
             AskBody::Json(b) => b.size_hint(),
         }

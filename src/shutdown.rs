@@ -1,9 +1,12 @@
 //! Graceful shutdown in two steps: *drain*, then *stop*.
 //!
-//! Draining stops new work: the accept loop ends, `/healthz` turns 503, new asks are
-//! refused with `SHUTTING_DOWN`, and connections close once their response is done.
-//! Answers already streaming keep going. When the grace period runs out the server
-//! *stops*: every answer still running ends with a `SHUTTING_DOWN` event and is refunded.
+//! Draining stops new work in the service: `/healthz` turns 503 and new asks are refused
+//! with `SHUTTING_DOWN`, while answers already streaming keep going. *Stopping* ends every
+//! answer still running with a `SHUTTING_DOWN` event, refunded.
+//!
+//! These are the service's two states only. [`crate::serve`] runs the whole sequence
+//! around them: it ends the accept loop, drains, closes connections as their responses
+//! finish, and stops once the grace period is over.
 
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
