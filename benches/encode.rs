@@ -3,7 +3,7 @@
 //! One group per question:
 //! - `token_frame`: one `token` event for texts of different shapes (what `Token::new`
 //!   pays, e.g. for an OpenAI-compatible upstream that streams one token at a time);
-//! - `token_batch`: a whole 64-token answer encoded with `Token::batch`, as the sim does
+//! - `token_batch`: 64 tokens encoded with `Token::batch`, as the sim encodes a passage
 //!   (criterion's element throughput gives the per-token cost), beside 64 separate frames;
 //! - `done_event`: the last event of an answer, from a typed struct and from a
 //!   `serde_json::Value`;

@@ -127,8 +127,8 @@ pub struct Usage {
 /// A generated token together with its encoded SSE frame.
 ///
 /// The frame is built once, when the token is made, so sending it is a reference-count
-/// bump. Generators that know their whole answer up front (the sim) encode every frame
-/// into one buffer with [`Token::batch`].
+/// bump. Generators that know many tokens up front encode their frames into one buffer
+/// with [`Token::batch`] (the sim does, once per passage, and keeps them).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Token {
     text: Bytes,

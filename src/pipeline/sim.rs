@@ -104,7 +104,6 @@ impl Generator for SimGenerator {
 }
 
 /// One passage's words as tokens, each `" word"`, cut out and encoded once.
-#[derive(Debug)]
 struct PassageWords {
     words: Vec<Token>,
     /// The first word without its space, for an answer that starts with this passage.
@@ -137,41 +136,59 @@ impl PassageWords {
 fn shared_token(text: &str) -> Token {
     Token::batch([text])
         .pop()
-        .unwrap_or_else(|| Token::new(text))
+        .expect("a batch of one text is one token")
 }
 
 /// Passages the sim has already cut into tokens, keyed by their text's address.
 ///
 /// Retrievers hand out clones of the same `Arc<str>` for the same passage (the built-in
 /// index does), so the address identifies the text; the cache keeps each text alive, so
-/// an address cannot be reused for another while it is cached. Bounded: once full, new
-/// passages are cut per answer and not kept (a retriever that builds fresh texts for
-/// every answer gains nothing here, and costs what it did before the cache).
-#[derive(Debug)]
+/// an address cannot be reused for another while it is cached. Bounded by passages and
+/// by their text's bytes: once full, new passages are cut for their answer and not kept.
+/// A retriever that builds fresh texts for every answer gains nothing here: each of its
+/// passages is cut whole (not just the words an answer needs) on every answer.
 struct WordCache {
-    passages: Mutex<HashMap<usize, Cached>>,
+    passages: Mutex<Cached>,
     /// The answer when the passages have no words at all.
     fallback: Arc<PassageWords>,
     separator: Token,
 }
 
-/// A passage's text (kept alive, so its address stays its own) and its words, `None`
-/// when it has none.
-type Cached = (Arc<str>, Option<Arc<PassageWords>>);
+/// What the cache holds: each passage's text (kept alive, so its address stays its own)
+/// and its words (`None` when it has none), and the total length of those texts.
+#[derive(Default)]
+struct Cached {
+    by_address: HashMap<usize, (Arc<str>, Option<Arc<PassageWords>>)>,
+    text_bytes: usize,
+}
 
 /// Passages kept at most; the built-in corpus has a few dozen.
 const CACHED_PASSAGES: usize = 4096;
+/// Passage text kept at most. The tokens cost about 18 bytes per byte of text (a word of
+/// 6 letters: a 64-byte `Token`, its frame and its text), so this holds the cache near
+/// 40 MB at worst.
+const CACHED_TEXT_BYTES: usize = 2 << 20;
 
 impl Default for WordCache {
     fn default() -> Self {
         WordCache {
             passages: Mutex::default(),
-            fallback: Arc::new(PassageWords::of(FALLBACK).unwrap_or_else(|| PassageWords {
-                words: vec![shared_token(FALLBACK)],
-                first: shared_token(FALLBACK),
-            })),
+            fallback: Arc::new(
+                PassageWords::of(FALLBACK).expect("the fallback sentence has words"),
+            ),
             separator: shared_token(SEPARATOR),
         }
+    }
+}
+
+impl std::fmt::Debug for WordCache {
+    /// Counts, not contents: the cache may hold thousands of passages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cached = self.passages.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("WordCache")
+            .field("passages", &cached.by_address.len())
+            .field("text_bytes", &cached.text_bytes)
+            .finish()
     }
 }
 
@@ -181,27 +198,13 @@ impl WordCache {
     fn answer(self: &Arc<Self>, prompt: &Prompt, n: usize) -> AnswerWords {
         let mut lists = Vec::with_capacity(prompt.passages.len().min(8));
         let mut total = 0;
-        {
-            let mut cached = self.passages.lock().unwrap_or_else(PoisonError::into_inner);
-            for passage in prompt.passages.iter() {
-                if total >= n {
-                    break;
-                }
-                let key = Arc::as_ptr(&passage.text).cast::<u8>() as usize;
-                let words = match cached.get(&key) {
-                    Some((text, words)) if Arc::ptr_eq(text, &passage.text) => words.clone(),
-                    _ => {
-                        let words = PassageWords::of(&passage.text).map(Arc::new);
-                        if cached.len() < CACHED_PASSAGES {
-                            cached.insert(key, (passage.text.clone(), words.clone()));
-                        }
-                        words
-                    }
-                };
-                if let Some(words) = words {
-                    total += words.words.len();
-                    lists.push(words);
-                }
+        for passage in prompt.passages.iter() {
+            if total >= n {
+                break;
+            }
+            if let Some(words) = self.words(&passage.text) {
+                total += words.words.len();
+                lists.push(words);
             }
         }
         if lists.is_empty() {
@@ -214,6 +217,27 @@ impl WordCache {
             started: false,
             cache: self.clone(),
         }
+    }
+
+    /// A passage's words, from the cache or cut now (outside the lock, so other answers
+    /// are not held up by it) and kept if there is room.
+    fn words(&self, text: &Arc<str>) -> Option<Arc<PassageWords>> {
+        let key = Arc::as_ptr(text).cast::<u8>() as usize;
+        let lock = || self.passages.lock().unwrap_or_else(PoisonError::into_inner);
+        // The entry holds its text, so a key found is this very text.
+        if let Some((_, words)) = lock().by_address.get(&key) {
+            return words.clone();
+        }
+        let words = PassageWords::of(text).map(Arc::new);
+        let mut cached = lock();
+        if cached.by_address.len() < CACHED_PASSAGES
+            && cached.text_bytes + text.len() <= CACHED_TEXT_BYTES
+            && !cached.by_address.contains_key(&key)
+        {
+            cached.text_bytes += text.len();
+            cached.by_address.insert(key, (text.clone(), words.clone()));
+        }
+        words
     }
 }
 
@@ -681,8 +705,21 @@ mod tests {
             let got = tokens_of(collect_now(sim.generate(p.clone())));
             assert_eq!(got, answer_tokens(&p, 3));
         }
-        let kept = sim.words.passages.lock().unwrap().len();
+        let kept = sim.words.passages.lock().unwrap().by_address.len();
         assert_eq!(kept, CACHED_PASSAGES);
+
+        // And by bytes: passages of 100 kB fill the text budget after 20.
+        let sim = unpaced(3);
+        for i in 0..30 {
+            let text = format!("passage{i} ").repeat(12_000);
+            assert!(text.len() >= 100_000);
+            let p = prompt(&[&text]);
+            let got = tokens_of(collect_now(sim.generate(p.clone())));
+            assert_eq!(got, answer_tokens(&p, 3));
+        }
+        let cached = sim.words.passages.lock().unwrap();
+        assert!(cached.text_bytes <= CACHED_TEXT_BYTES);
+        assert!(cached.by_address.len() < 30, "{}", cached.by_address.len());
     }
 
     #[test]

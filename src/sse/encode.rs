@@ -31,8 +31,8 @@ pub fn data<T: Serialize + ?Sized>(value: &T) -> Bytes {
 
 /// Appends one `data:` event for `value` to `buf`.
 ///
-/// Generators that prepare many frames at once (the sim) append them all to one buffer and
-/// split it, so a whole answer costs one allocation.
+/// Generators that prepare many frames at once ([`crate::pipeline::Token::batch`]) append
+/// them all to one buffer and split it: one allocation for all of them.
 pub fn data_into<T: Serialize + ?Sized>(buf: &mut BytesMut, value: &T) {
     buf.put_slice(PREFIX);
     // Writing JSON into a BytesMut cannot fail: the writer is infallible and the types we

@@ -130,6 +130,11 @@ pub(super) fn parse_event(data: &str) -> Event<'_> {
     if data.trim() == "[DONE]" {
         return Event::Done;
     }
+    // serde fills a defaulted struct from an array too (`[]` would be an empty chunk),
+    // so insist on an object first.
+    if !data.trim_start().starts_with('{') {
+        return Event::Malformed;
+    }
     let Ok(chunk) = serde_json::from_str::<ChunkWire<'_>>(data) else {
         return Event::Malformed;
     };
@@ -256,7 +261,15 @@ mod tests {
 
     #[test]
     fn anything_but_a_json_object_is_malformed() {
-        for data in ["{", "[1,2]", "42", "hello", r#"{"choices":{"a":1}}"#] {
+        for data in [
+            "{",
+            "[1,2]",
+            "[]",
+            "[null]",
+            "42",
+            "hello",
+            r#"{"choices":{"a":1}}"#,
+        ] {
             assert_eq!(parse_event(data), Event::Malformed, "{data}");
         }
     }
