@@ -243,6 +243,31 @@ mod tests {
         assert!(parse_duration("3w").is_err());
     }
 
+    /// The README's promise: every flag has an `ASKSTREAM_*` variable named after it, and
+    /// the flags table lists both.
+    #[test]
+    fn every_flag_has_its_env_variable_and_a_readme_row() {
+        use clap::CommandFactory;
+        let readme = include_str!("../README.md");
+        let command = Config::command();
+        let flags: Vec<_> = command
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(|long| (long, a.get_env())))
+            .filter(|(long, _)| !matches!(*long, "help" | "version"))
+            .collect();
+        assert!(flags.len() > 20, "{} flags", flags.len());
+        for (long, env) in flags {
+            let expected = format!("ASKSTREAM_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(
+                env.and_then(|e| e.to_str()),
+                Some(expected.as_str()),
+                "--{long}"
+            );
+            let row = format!("| `--{long}` | `{expected}` |");
+            assert!(readme.contains(&row), "README has no row {row}");
+        }
+    }
+
     #[test]
     fn flags_override_defaults() {
         let c = Config::try_parse_from(["askstream", "--quota-limit", "3", "--sim-tokens", "10"])

@@ -71,10 +71,11 @@ async fn stream_headers_events_and_done() {
         done["timing"]["totalMs"].as_f64().unwrap() >= done["timing"]["ttftMs"].as_f64().unwrap()
     );
     let sources = done["sources"].as_array().unwrap();
-    assert!(
-        !sources.is_empty() && sources.len() <= 4,
-        "default topK is 4: {sources:?}"
-    );
+    let matching = askstream::pipeline::bm25::Bm25Index::builtin()
+        .search("How do quota refunds work?", 100)
+        .len();
+    assert!(matching > 4, "the query matches more than the default topK");
+    assert_eq!(sources.len(), 4, "default topK is 4: {sources:?}");
     for s in sources {
         assert!(
             s["id"].is_string() && s["title"].is_string() && s["score"].as_f64().unwrap() > 0.0,

@@ -179,6 +179,26 @@ async fn head_sends_the_headers_without_the_body() {
     }
 }
 
+/// The README: "askstream sends no CORS headers". A cross-origin preflight gets no
+/// permission, and neither does a cross-origin ask.
+#[tokio::test]
+async fn no_cors_headers_even_for_another_origin() {
+    let server = TestServer::start(fast_config()).await;
+    for request in [
+        "OPTIONS /api/v1/ai/ask HTTP/1.1\r\nhost: t\r\norigin: http://evil.example\r\naccess-control-request-method: POST\r\n\r\n",
+        "POST /api/v1/ai/ask HTTP/1.1\r\nhost: t\r\norigin: http://evil.example\r\ncontent-type: application/json\r\ncontent-length: 14\r\n\r\n{\"query\":\"hi\"}",
+    ] {
+        let (head, _) = raw(&server, request).await;
+        assert!(
+            head.headers
+                .iter()
+                .all(|(k, _)| !k.to_ascii_lowercase().starts_with("access-control-")),
+            "{request}: {:?}",
+            head.headers
+        );
+    }
+}
+
 #[tokio::test]
 async fn other_methods_are_not_allowed() {
     let server = TestServer::start(fast_config()).await;
