@@ -260,6 +260,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Counts an ask as in flight (and in the peak) before it starts; `one_ask` takes it
+    /// out when it ends.
+    fn enter_flight(&self) {
+        let in_flight = self.in_flight.get() + 1;
+        self.in_flight.set(in_flight);
+        self.peak_in_flight
+            .set(self.peak_in_flight.get().max(in_flight));
+    }
+
     /// Takes one ask from the run's budget; false once it is spent.
     fn take_ticket(&self) -> bool {
         let n = self.tickets.get();
@@ -312,10 +321,8 @@ impl Observer for AskObserver<'_> {
 
     fn request_sent(&self, at: Instant) {
         // A retry (on a keep-alive connection the server had closed) is not a new arrival.
-        let first = self.sent.replace(Some(at)).is_none();
-        if let (true, true, Some(scheduled)) = (first, self.measured, self.scheduled) {
-            let lag = at.saturating_duration_since(scheduled);
-            self.shared.stats.borrow_mut().send_lag.record_duration(lag);
+        if self.sent.get().is_none() {
+            self.sent.set(Some(at));
         }
     }
 
@@ -555,6 +562,7 @@ async fn slot(shared: Rc<Shared>, first_at: Instant) {
     let mut client = Client::new();
     tokio::time::sleep_until(first_at.into()).await;
     while Instant::now() < shared.end && shared.take_ticket() {
+        shared.enter_flight();
         one_ask(&shared, &mut client, None).await;
     }
     shared.task_ended();
@@ -566,10 +574,13 @@ async fn slot(shared: Rc<Shared>, first_at: Instant) {
 /// Arrival times come from a pacer thread that sleeps until each one: tokio's timer ticks
 /// in whole milliseconds, which alone would add up to a millisecond of send lag to every
 /// ask. The thread only sleeps and sends an `Instant`; the asks run here, on the tool's
-/// one thread. If this thread falls behind, arrivals queue in the channel and their wait
-/// shows as send lag.
+/// one thread. If this thread falls behind, arrivals queue in the channel (up to 1024,
+/// then the pacer waits) and their wait shows as send lag.
 async fn arrivals(shared: Rc<Shared>, start: Instant, rate: f64, max_in_flight: u32) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    // Bounded: a pacer far ahead of this thread (a rate it cannot keep up with) waits
+    // instead of queueing without limit; the arrivals keep their scheduled times, so the
+    // wait still shows as send lag.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Instant>(1024);
     let (end, seed) = (shared.end, shared.settings.seed);
     let pacer = std::thread::Builder::new()
         .name("loadtest-pacer".into())
@@ -585,7 +596,7 @@ async fn arrivals(shared: Rc<Shared>, start: Instant, rate: f64, max_in_flight: 
                 if next > now {
                     std::thread::sleep(next - now);
                 }
-                if tx.send(next).is_err() {
+                if tx.blocking_send(next).is_err() {
                     break;
                 }
             }
@@ -611,6 +622,9 @@ async fn arrivals(shared: Rc<Shared>, start: Instant, rate: f64, max_in_flight: 
             stats.error("client limit: arrival dropped (max in flight)".into());
             continue;
         }
+        // Counted now, not when the task first runs: arrivals that queued up would all
+        // pass the check above before any of their tasks started.
+        shared.enter_flight();
         let mut client = pool.borrow_mut().pop().unwrap_or_default();
         let (shared2, pool2) = (shared.clone(), pool.clone());
         shared.task_started();
@@ -624,21 +638,25 @@ async fn arrivals(shared: Rc<Shared>, start: Instant, rate: f64, max_in_flight: 
 }
 
 /// Sends one ask and records how it ended.
+///
+/// The caller has already counted it in `in_flight` ([`Shared::enter_flight`]); it
+/// leaves when the ask ends.
 async fn one_ask(shared: &Shared, client: &mut Client, scheduled: Option<Instant>) {
     let start = Instant::now();
     let measured = scheduled.unwrap_or(start) >= shared.window_start;
     if measured {
         shared.open_window();
+        // The tool's own lag: from the scheduled arrival to the moment the ask begins.
+        // Connecting comes after, and is the server's (it has its own histogram).
+        if let Some(scheduled) = scheduled {
+            let lag = start.saturating_duration_since(scheduled);
+            shared.stats.borrow_mut().send_lag.record_duration(lag);
+        }
     }
     let timeout_at = start + shared.settings.stream_timeout;
     let deadline = timeout_at.min(shared.end);
     let user = shared.next_user.get();
     shared.next_user.set((user + 1) % shared.settings.users);
-    let in_flight = shared.in_flight.get() + 1;
-    shared.in_flight.set(in_flight);
-    shared
-        .peak_in_flight
-        .set(shared.peak_in_flight.get().max(in_flight));
     if measured {
         shared.stats.borrow_mut().started += 1;
     }

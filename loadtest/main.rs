@@ -342,7 +342,9 @@ fn plan(args: &Args) -> Result<Vec<Workload>, String> {
             w.ramp = w.ramp.min(d);
         }
         if let Some(r) = args.ramp {
-            w.ramp = r;
+            // At most the warm-up, as the flag says: a ramp into the measured window
+            // would measure below the set concurrency.
+            w.ramp = r.min(w.warmup);
         }
         if w.concurrency == 0 {
             return Err("--concurrency must be at least 1".into());
@@ -465,15 +467,18 @@ fn resolve_loopback(target: &str) -> Result<SocketAddr, String> {
              127.0.0.0/8, ::1 or localhost, so it cannot be pointed at someone else's server"
         ));
     }
-    let addr = *addrs
+    // `localhost` may resolve to ::1 first while the server listens on 127.0.0.1: take
+    // the first address something listens on.
+    let first = *addrs
         .first()
         .ok_or_else(|| format!("`{target}` resolves to no address"))?;
-    if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
-        return Err(format!(
-            "nothing is listening on {addr}; start askstream there, or pass --spawn"
-        ));
-    }
-    Ok(addr)
+    addrs
+        .iter()
+        .copied()
+        .find(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(2)).is_ok())
+        .ok_or_else(|| {
+            format!("nothing is listening on {first}; start askstream there, or pass --spawn")
+        })
 }
 
 /// Parses `20s`, `1500ms`, `2m`, `0.5s` or a number of seconds; zero is allowed.

@@ -353,14 +353,14 @@ fn fmt_ns_opt(ns: Option<u64>) -> String {
     ns.map_or("-".into(), fmt_ns)
 }
 
-/// Bytes as KB/MB (powers of 1024, like `ps`).
+/// Bytes as KiB/MiB (powers of 1024, like `ps`), labelled as such.
 pub fn fmt_bytes(b: f64) -> String {
     if b < 1024.0 {
         format!("{b:.0} B")
     } else if b < 1024.0 * 1024.0 {
-        format!("{:.1} KB", b / 1024.0)
+        format!("{:.1} KiB", b / 1024.0)
     } else {
-        format!("{:.1} MB", b / (1024.0 * 1024.0))
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
     }
 }
 
@@ -379,7 +379,7 @@ mod tests {
         assert_eq!(fmt_ns(2_103_000), "2.103ms");
         assert_eq!(fmt_ns(3_000_000_000), "3000.000ms");
         assert_eq!(fmt_ns(12_500_000_000), "12.50s");
-        assert_eq!(fmt_bytes(10.0 * 1024.0), "10.0 KB");
-        assert_eq!(fmt_bytes(3.5 * 1024.0 * 1024.0), "3.5 MB");
+        assert_eq!(fmt_bytes(10.0 * 1024.0), "10.0 KiB");
+        assert_eq!(fmt_bytes(3.5 * 1024.0 * 1024.0), "3.5 MiB");
     }
 }
