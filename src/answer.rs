@@ -31,6 +31,7 @@ use tokio::time::{Instant, sleep_until};
 use crate::auth::UserId;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::{Finished, Metrics};
+use crate::pipeline::sim::later;
 use crate::pipeline::{
     Chunk, Generator, Passage, PipelineError, PipelineErrorKind, Prompt, Retriever, Token, Usage,
 };
@@ -223,19 +224,22 @@ struct Deadlines {
 }
 
 impl Deadlines {
+    // Saturating sums: a flag set absurdly high (`--heartbeat-secs` in the billions)
+    // means "never", not a panic in every answer.
     fn generator_deadline(&self) -> Instant {
         match self.last_chunk {
-            None => self.received + self.ttft_timeout,
-            Some(t) => t + self.idle_timeout,
+            None => later(self.received, self.ttft_timeout),
+            Some(t) => later(t, self.idle_timeout),
         }
+    }
+
+    fn heartbeat_due(&self) -> Option<Instant> {
+        self.heartbeat.map(|h| later(self.last_event, h))
     }
 
     fn next(&self) -> Instant {
         let g = self.generator_deadline();
-        match self.heartbeat {
-            Some(h) => g.min(self.last_event + h),
-            None => g,
-        }
+        self.heartbeat_due().map_or(g, |h| g.min(h))
     }
 }
 
@@ -355,7 +359,7 @@ fn on_timer(p: &Pipeline, clock: &mut Deadlines, sink: &mut impl Sink) -> Option
             Some(_) => stalled(p.idle_timeout),
         }));
     }
-    if clock.heartbeat.is_some_and(|h| now >= clock.last_event + h) {
+    if clock.heartbeat_due().is_some_and(|due| now >= due) {
         sink.heartbeat();
         clock.last_event = now;
     }
@@ -407,12 +411,7 @@ pub(crate) fn stream(
 /// Hands the `done` frame over and waits to learn whether the body yielded it.
 async fn deliver_done(p: &Pipeline, tx: SseSender, done: Bytes) -> Outcome {
     let ended_early = {
-        let delivered = async {
-            if tx.send_last(done).await.is_err() {
-                return Delivery::NotDelivered;
-            }
-            tx.delivered().await
-        };
+        let delivered = tx.finish(done);
         // Waiting for delivery can end three ways: the body yields `done` (or is dropped),
         // the client stops reading for too long, or the server stops.
         tokio::select! {

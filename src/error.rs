@@ -10,7 +10,8 @@ use crate::sse::encode;
 /// A machine-readable error code, exactly the SPEC §1.1 table.
 ///
 /// Codes are part of the public contract: clients switch on the string, so a variant's
-/// [`as_str`](ErrorCode::as_str) never changes once released.
+/// [`as_str`](ErrorCode::as_str) never changes once released. A new code goes before
+/// `Internal` and into [`ErrorCode::ALL`] (the metrics index their counters by it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// Malformed JSON, a missing/empty/too long `query`, a bad `topK` or `stream` value.
@@ -42,6 +43,23 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order, so `code as usize` indexes it.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::Overloaded,
+        ErrorCode::ShuttingDown,
+        ErrorCode::UpstreamError,
+        ErrorCode::UpstreamTimeout,
+        ErrorCode::SlowClient,
+        ErrorCode::Internal,
+    ];
+
     /// The code as clients see it in the `code` field.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -160,6 +178,14 @@ impl<'a> ErrorObject<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_is_every_code_in_declaration_order() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i, "{}", code.as_str());
+        }
+        assert_eq!(ErrorCode::Internal as usize, ErrorCode::ALL.len() - 1);
+    }
 
     #[test]
     fn json_body_is_the_error_object() {

@@ -627,3 +627,17 @@ async fn shutdown_ends_an_answer_waiting_for_room() {
         .remaining;
     assert_eq!(u64::from(after), before, "refunded");
 }
+
+/// Deadlines set absurdly far (the flags accept any u64) mean "never", not a panic that
+/// would turn every answer into `INTERNAL`.
+#[tokio::test(start_paused = true)]
+async fn absurdly_long_deadlines_mean_never() {
+    let server = TestServer::start(config(|c| {
+        c.heartbeat_secs = u64::MAX;
+        c.ttft_timeout_ms = u64::MAX;
+        c.idle_timeout_ms = u64::MAX;
+    }))
+    .await;
+    let frames = stream_frames(server.addr, "far-deadlines", QUERY).await;
+    assert_eq!(shape(&frames), runs(&[("token", 8), ("done", 1)]));
+}

@@ -409,7 +409,7 @@ fn strip_list_marker(line: &str) -> &str {
 }
 
 /// `t + d`, saturating to about 30 years ahead instead of panicking on absurd settings.
-fn later(t: Instant, d: Duration) -> Instant {
+pub(crate) fn later(t: Instant, d: Duration) -> Instant {
     const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
     t.checked_add(d).unwrap_or_else(|| t + FAR)
 }

@@ -360,8 +360,9 @@ impl SseSender {
     }
 
     /// Queues the last frame and waits for the outcome: [`send_last`](Self::send_last)
-    /// then [`delivered`](Self::delivered).
-    pub async fn finish(self, frame: Bytes) -> Delivery {
+    /// then [`delivered`](Self::delivered). Borrows, so a caller that gives up waiting
+    /// can still [`abort`](Self::abort).
+    pub async fn finish(&self, frame: Bytes) -> Delivery {
         if self.send_last(frame).await.is_err() {
             return Delivery::NotDelivered;
         }
