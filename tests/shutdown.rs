@@ -567,4 +567,26 @@ async fn the_binary_exits_0_on_sigterm() {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "exit status {status:?}");
+
+    // The README's log promises: a warning about open mode at startup, and one line per
+    // finished ask naming its user by the bearer token's fingerprint, never the token.
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(30)) {
+        log.push(line);
+    }
+    assert!(
+        log.iter()
+            .any(|l| l.contains("WARN") && l.contains("open mode")),
+        "{log:#?}"
+    );
+    let finished: Vec<_> = log.iter().filter(|l| l.contains("ask finished")).collect();
+    assert_eq!(finished.len(), 1, "{log:#?}");
+    assert!(
+        finished[0].contains("user=bearer:") && finished[0].contains("outcome=\"SHUTTING_DOWN\""),
+        "{}",
+        finished[0]
+    );
+    assert!(
+        log.iter().all(|l| !l.contains("user=binary")),
+        "the token was logged: {log:#?}"
+    );
 }
