@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use askstream::config::parse_span;
 use clap::Parser;
 
 use engine::{Load, Settings};
@@ -94,16 +95,16 @@ struct Args {
     max_in_flight: u32,
 
     /// Measured time, e.g. 20s, 1500ms, 2m [default: the workload's, else 10s].
-    #[arg(long, short, value_parser = parse_duration)]
+    #[arg(long, short, value_parser = parse_span)]
     duration: Option<Duration>,
 
     /// Unmeasured time before it [default: the workload's, else 1s].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_span)]
     warmup: Option<Duration>,
 
     /// Closed loop: start the slots spread over this time (at most the warm-up)
     /// [default: the workload's, else one answer's length].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_span)]
     ramp: Option<Duration>,
 
     /// Asks go round-robin to this many bearer users (`Bearer user-<n>`).
@@ -115,7 +116,7 @@ struct Args {
     keep_alive: bool,
 
     /// An ask running longer is cut and counted as a `timeout` error.
-    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    #[arg(long, value_parser = parse_span, default_value = "60s")]
     stream_timeout: Duration,
 
     /// Hard cap on asks started per run.
@@ -481,30 +482,6 @@ fn resolve_loopback(target: &str) -> Result<SocketAddr, String> {
         })
 }
 
-/// Parses `20s`, `1500ms`, `2m`, `0.5s` or a number of seconds; zero is allowed.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 20s, 1500ms, 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit `{other}` in `{s}` (use ms, s, m or h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
-}
-
 fn write_file(path: &Path, text: &str) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
@@ -516,17 +493,6 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
-        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("0.5s"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert!(parse_duration("3w").is_err());
-        assert!(parse_duration("s").is_err());
-    }
 
     #[test]
     fn non_loopback_targets_are_refused() {

@@ -184,28 +184,37 @@ impl Config {
 
 /// Parses `90`, `90s`, `15m`, `24h`, `7d` or `250ms` into a duration (at least 1 s).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_span(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("`{}` is shorter than one second", s.trim()));
+    }
+    Ok(d)
+}
+
+/// Parses a span of time: a number (decimals allowed) and a unit, `ms`, `s` (or none),
+/// `m`, `h` or `d`; zero is allowed. Shared with the load tool's flags.
+pub fn parse_span(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
+    let n: f64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 90s, 15m, 24h"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        .map_err(|_| format!("`{s}` is not a duration like 90s, 1500ms, 15m, 24h"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
         other => {
             return Err(format!(
                 "unknown unit `{other}` in `{s}` (use ms, s, m, h or d)"
             ));
         }
     };
-    if d < Duration::from_secs(1) {
-        return Err(format!("`{s}` is shorter than one second"));
-    }
-    Ok(d)
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
 }
 
 #[cfg(test)]
@@ -241,6 +250,21 @@ mod tests {
         assert!(parse_duration("10ms").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("0").is_err());
+    }
+
+    #[test]
+    fn spans_parse() {
+        assert_eq!(parse_span("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_span("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_span("0.5s"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_span("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_span("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_span("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_span("0"), Ok(Duration::ZERO));
+        assert!(parse_span("3w").is_err());
+        assert!(parse_span("s").is_err());
+        assert!(parse_span("1e400").is_err());
     }
 
     /// The README's promise: every flag has an `ASKSTREAM_*` variable named after it, and
