@@ -226,10 +226,10 @@ impl std::fmt::Display for QuotaError {
         match self {
             QuotaError::Exceeded { limit, resets_at } => write!(
                 f,
-                "quota of {limit} asks per window used up; it resets at {}",
+                "all {limit} asks of this window are used; the quota resets at {}",
                 rfc3339(*resets_at)
             ),
-            QuotaError::Unavailable(why) => write!(f, "quota store unavailable: {why}"),
+            QuotaError::Unavailable(why) => write!(f, "the quota store is unavailable: {why}"),
         }
     }
 }
@@ -1006,7 +1006,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "quota of 20 asks per window used up; it resets at 2026-11-24T00:00:00Z"
+            "all 20 asks of this window are used; the quota resets at 2026-11-24T00:00:00Z"
         );
         assert_eq!(
             QuotaError::Unavailable("down".into()).retry_after_secs(0),
