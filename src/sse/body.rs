@@ -233,6 +233,9 @@ impl std::fmt::Debug for SseBody {
 }
 
 /// The producing half: sends frames, and learns when the client has gone.
+///
+/// One producer: the channel keeps one waker for a send waiting for room and one for
+/// `closed`/`delivered`, so each of those has one waiter at a time (the answer's task).
 pub struct SseSender {
     shared: Shared,
 }
