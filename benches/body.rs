@@ -25,8 +25,8 @@ use std::time::Duration;
 use askstream::pipeline::bm25::Bm25Index;
 use askstream::pipeline::sim::{SimConfig, SimGenerator};
 use askstream::pipeline::{Chunk, Generator, Prompt};
-use askstream::sse::body::{Delivery, SseBody, SseSender, TrySendError, channel};
-use askstream::sse::encode;
+use askstream::sse::body::{SseBody, SseSender, TrySendError, channel};
+use askstream::wire;
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use http_body::Body;
@@ -46,7 +46,7 @@ fn poll_ready(body: &mut SseBody, cx: &mut Context<'_>) -> Bytes {
 }
 
 fn send_poll(c: &mut Criterion) {
-    let frame = encode::token(" north");
+    let frame = wire::token(" north");
     let mut cx = Context::from_waker(Waker::noop());
     let mut group = c.benchmark_group("send_poll");
 
@@ -106,9 +106,9 @@ fn answer(c: &mut Criterion) {
         tokens: TOKENS,
     }));
     let frames: Arc<[Bytes]> = (0..TOKENS)
-        .map(|i| encode::token(&format!(" word{i}")))
+        .map(|i| wire::token(&format!(" word{i}")))
         .collect();
-    let done = encode::data(&json!({"type": "done", "quotaRemaining": 3}));
+    let done = wire::data(&json!({"type": "done", "quotaRemaining": 3}));
 
     let mut group = c.benchmark_group("answer");
     group.throughput(Throughput::Elements(u64::from(TOKENS) + 1));
@@ -124,7 +124,7 @@ fn answer(c: &mut Criterion) {
                     tx.finish(done).await
                 });
                 let len = consume(body).await;
-                assert_eq!(producer.await.ok(), Some(Delivery::Delivered));
+                assert_eq!(producer.await.ok(), Some(Ok(())));
                 len
             })
         });
@@ -144,7 +144,7 @@ fn answer(c: &mut Criterion) {
                     tx.finish(done).await
                 });
                 let len = consume(body).await;
-                assert_eq!(producer.await.ok(), Some(Delivery::Delivered));
+                assert_eq!(producer.await.ok(), Some(Ok(())));
                 len
             })
         });

@@ -15,9 +15,10 @@ use std::sync::Arc;
 
 use askstream::pipeline::Prompt;
 use askstream::pipeline::bm25::Bm25Index;
-use askstream::pipeline::sim::answer_tokens;
+use askstream::pipeline::sim::{SimConfig, SimGenerator};
+use askstream::pipeline::{Chunk, Generator};
 use askstream::sse::decode::{Decoder, Eof};
-use askstream::sse::encode;
+use askstream::wire;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use serde_json::json;
 
@@ -36,10 +37,20 @@ fn answer_stream() -> Vec<u8> {
         passages: Arc::from(passages),
     };
     let mut stream = Vec::new();
-    for token in answer_tokens(&prompt, TOKENS) {
-        stream.extend_from_slice(token.frame());
+    // An unpaced sim is always ready: poll it to its end with a waker that is never used.
+    let mut tokens = SimGenerator::new(SimConfig {
+        ttft: std::time::Duration::ZERO,
+        token_interval: std::time::Duration::ZERO,
+        tokens: TOKENS,
+    })
+    .generate(prompt);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while let std::task::Poll::Ready(Some(chunk)) = tokens.as_mut().poll_next(&mut cx) {
+        if let Ok(Chunk::Token(t)) = chunk {
+            stream.extend_from_slice(t.frame());
+        }
     }
-    stream.extend_from_slice(&encode::data(&json!({
+    stream.extend_from_slice(&wire::data(&json!({
         "type": "done",
         "queryId": "3f9c2a7d1e5b48c0a6f2d9e8b7c41a05",
         "sources": sources,

@@ -15,7 +15,7 @@ use std::hint::black_box;
 
 use askstream::ErrorCode;
 use askstream::pipeline::Token;
-use askstream::sse::encode::{self, Done, Source, TimingField, UsageField};
+use askstream::wire::{self, Done, Source, TimingField, UsageField};
 use criterion::{BenchmarkId, Criterion, Throughput};
 
 /// A model's typical token: a short ASCII word with its leading space.
@@ -39,7 +39,7 @@ fn token_frame(c: &mut Criterion) {
         ("multi_byte", MULTI_BYTE),
     ] {
         group.bench_with_input(BenchmarkId::new("token", name), text, |b, text| {
-            b.iter(|| encode::token(black_box(text)));
+            b.iter(|| wire::token(black_box(text)));
         });
     }
     group.finish();
@@ -135,12 +135,12 @@ fn done_event(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     // What the server does once per answer.
     group.bench_function("done_4_sources", |b| {
-        b.iter(|| encode::done(black_box(&done_fields())));
+        b.iter(|| wire::done(black_box(&done_fields())));
     });
     let value: serde_json::Value =
-        serde_json::from_slice(&encode::done(&done_fields())[6..]).expect("the done event is JSON");
+        serde_json::from_slice(&wire::done(&done_fields())[6..]).expect("the done event is JSON");
     group.bench_function("json_value_4_sources", |b| {
-        b.iter(|| encode::data(black_box(&value)));
+        b.iter(|| wire::data(black_box(&value)));
     });
     group.finish();
 }
@@ -150,8 +150,8 @@ fn error_frame(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("slow_client", |b| {
         b.iter(|| {
-            encode::error(
-                black_box(ErrorCode::SlowClient),
+            wire::error_event(
+                black_box(ErrorCode::SlowClient.as_str()),
                 black_box("the stream was not read for 30 s; this ask was refunded"),
             )
         });

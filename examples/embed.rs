@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
-use askstream::{AskBody, AskService, Config, PeerAddr};
+use askstream::{AskBody, AskService, PeerAddr, ServiceConfig};
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::{Either, Full};
@@ -52,7 +52,7 @@ async fn app(ask: AskService, mut req: Request<Incoming>) -> Result<Response<App
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The embedded defaults: built-in corpus, simulated generator, in-memory quota.
-    let ask = AskService::builder(Config::default()).build()?;
+    let ask = AskService::builder(ServiceConfig::default()).build()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("listening on http://{}", listener.local_addr()?);
     loop {

@@ -5,8 +5,8 @@
 //! that user's own limit. Without a keys file the server runs in open mode, meant for local
 //! use and load tests: the bearer text itself is the user, else the client's IP address.
 //!
-//! Keys are secrets and never leave this module in readable form (SPEC §3): errors about the
-//! keys file name a line number, not the key; `Debug` for [`Auth`] and [`KeyTable`] prints
+//! Keys are secrets and never leave this module in readable form (contract §3): errors about the
+//! keys file name a line number, not the key; `Debug` for [`Auth`] prints
 //! counts; an unknown key is refused without echoing it; and an open-mode bearer token,
 //! being both a user id and possibly someone's real key, displays as a fingerprint.
 //!
@@ -46,7 +46,7 @@ impl UserId {
         }
     }
     /// A user id derived from a secret (open mode's bearer text); logs show a fingerprint.
-    pub fn from_secret(id: impl Into<Arc<str>>) -> Self {
+    pub(crate) fn from_secret(id: impl Into<Arc<str>>) -> Self {
         UserId {
             id: id.into(),
             secret: true,
@@ -57,7 +57,8 @@ impl UserId {
         &self.id
     }
     /// Whether the id came from a secret, so that its `Display` form is a fingerprint.
-    pub fn is_secret(&self) -> bool {
+    #[cfg(test)]
+    fn is_secret(&self) -> bool {
         self.secret
     }
 }
@@ -105,16 +106,27 @@ fn fingerprint(secret: &str) -> u32 {
 
 /// The caller, as far as quota is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// Whose quota this ask draws from.
-    pub user: UserId,
+    pub(crate) user: UserId,
     /// The user's own limit from the keys file, if set.
-    pub limit: Option<u32>,
+    pub(crate) limit: Option<u32>,
 }
 
-/// How callers are identified.
+/// How callers are identified: open mode, or the keys of a keys file.
+pub struct Auth {
+    mode: Mode,
+}
+
+impl std::fmt::Debug for Auth {
+    /// `Open`, or the number of keys and users: never a key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.mode.fmt(f)
+    }
+}
+
 #[derive(Debug)]
-pub enum Auth {
+enum Mode {
     /// No keys file: user = bearer text, else client IP.
     Open,
     /// Keys from a keys file.
@@ -122,7 +134,7 @@ pub enum Auth {
 }
 
 /// The parsed keys file.
-pub struct KeyTable {
+struct KeyTable {
     /// Key text → who it identifies. The `Identity` is built once at load time, so
     /// identifying a request clones an `Arc` instead of allocating.
     keys: HashMap<Box<str>, Identity>,
@@ -131,7 +143,7 @@ pub struct KeyTable {
 /// A keys file that could not be read or parsed. The message names the file and line,
 /// never a key.
 #[derive(Debug)]
-pub struct KeysError(pub String);
+pub struct KeysError(String);
 
 impl std::fmt::Display for KeysError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -155,7 +167,7 @@ impl KeyTable {
     ///
     /// A file with no keys is an error: it would refuse every request, which is never
     /// what a server started with `--keys` is for.
-    pub fn parse(text: &str) -> Result<KeyTable, KeysError> {
+    fn parse(text: &str) -> Result<KeyTable, KeysError> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         // Key → (line it was defined on, identity); borrows the text until the end.
         let mut seen: HashMap<&str, (usize, Identity)> = HashMap::new();
@@ -214,18 +226,14 @@ impl KeyTable {
     }
 
     /// Who `key` identifies, if anyone.
-    pub fn lookup(&self, key: &str) -> Option<&Identity> {
+    fn lookup(&self, key: &str) -> Option<&Identity> {
         self.keys.get(key)
     }
 
-    /// How many keys the file defined, for the startup log.
-    pub fn len(&self) -> usize {
+    /// How many keys the file defined.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.keys.len()
-    }
-
-    /// Whether the table has no keys (never true for a parsed file).
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
     }
 }
 
@@ -255,6 +263,12 @@ fn parse_limit(text: &str) -> Result<u32, String> {
 }
 
 impl Auth {
+    /// Open mode: the user is the bearer text, else the client's address. For local use
+    /// and load tests; anyone can spend anyone's quota by naming it.
+    pub fn open() -> Auth {
+        Auth { mode: Mode::Open }
+    }
+
     /// Loads a keys file.
     pub fn from_file(path: &Path) -> Result<Auth, KeysError> {
         let in_file =
@@ -263,23 +277,15 @@ impl Auth {
         Auth::parse(&text).map_err(|e| in_file(&e))
     }
 
-    /// Parses the text of a keys file (see [`KeyTable::parse`]); tests and embedders that
-    /// keep keys elsewhere use this instead of a file.
+    /// Parses the text of a keys file: one `<api-key> <user-id> [limit]` per line,
+    /// whitespace-separated, blank lines skipped, and a word starting with `#` starts a
+    /// comment to the end of the line. For embedders that keep keys elsewhere than a file.
+    ///
+    /// A text with no keys is an error: it would refuse every request.
     pub fn parse(text: &str) -> Result<Auth, KeysError> {
-        KeyTable::parse(text).map(Auth::Keys)
-    }
-
-    /// Whether the server is in open mode, which startup warns about.
-    pub fn is_open(&self) -> bool {
-        matches!(self, Auth::Open)
-    }
-
-    /// How many keys are configured (0 in open mode).
-    pub fn key_count(&self) -> usize {
-        match self {
-            Auth::Open => 0,
-            Auth::Keys(table) => table.len(),
-        }
+        KeyTable::parse(text).map(|t| Auth {
+            mode: Mode::Keys(t),
+        })
     }
 
     /// Identifies the caller of a request.
@@ -288,14 +294,14 @@ impl Auth {
     /// refuses: the user is the bearer token, else the client's address (`peer`), else
     /// `anonymous` when the transport knows no address. An `Authorization` header that is
     /// not a well-formed single `Bearer <token>` counts as no header.
-    pub fn identify(
+    pub(crate) fn identify(
         &self,
         headers: &HeaderMap,
         peer: Option<IpAddr>,
     ) -> Result<Identity, ApiError> {
         let token = bearer_token(headers);
-        match self {
-            Auth::Keys(table) => match token {
+        match &self.mode {
+            Mode::Keys(table) => match token {
                 None => Err(ApiError::new(
                     ErrorCode::Unauthorized,
                     "missing API key: send `Authorization: Bearer <api-key>`",
@@ -305,7 +311,7 @@ impl Auth {
                     .cloned()
                     .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown API key")),
             },
-            Auth::Open => {
+            Mode::Open => {
                 let user = match (token, peer) {
                     (Some(token), _) => UserId::from_secret(token),
                     // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`; use the
@@ -365,7 +371,7 @@ sk-carol carol#not-a-comment\r
 
     #[test]
     fn parses_keys_users_limits_and_comments() {
-        let Auth::Keys(t) = keys() else {
+        let Mode::Keys(t) = keys().mode else {
             panic!("keys mode")
         };
         assert_eq!(t.len(), 4);
@@ -469,8 +475,10 @@ sk-carol carol#not-a-comment\r
         std::fs::write(&path, "sk-file-key fileuser 3\n").unwrap();
         let auth = Auth::from_file(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(auth.key_count(), 1);
-        assert!(!auth.is_open());
+        let Mode::Keys(table) = &auth.mode else {
+            panic!("keys mode")
+        };
+        assert_eq!(table.len(), 1);
 
         let e = Auth::from_file(&path).unwrap_err().to_string();
         assert!(
@@ -512,9 +520,7 @@ sk-carol carol#not-a-comment\r
 
     #[test]
     fn open_mode_uses_the_token_then_the_address() {
-        let auth = Auth::Open;
-        assert!(auth.is_open());
-        assert_eq!(auth.key_count(), 0);
+        let auth = Auth::open();
         let v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 
         let id = auth
@@ -601,7 +607,7 @@ sk-carol carol#not-a-comment\r
         let dbg = format!("{auth:?} {auth:#?}");
         assert!(!dbg.contains("sk-"), "{dbg}");
         assert!(dbg.contains("keys: 4") && dbg.contains("users: 3"), "{dbg}");
-        assert_eq!(format!("{:?}", Auth::Open), "Open");
+        assert_eq!(format!("{:?}", Auth::open()), "Open");
     }
 
     #[test]

@@ -1,17 +1,17 @@
-//! The error vocabulary of the API: one code per row of the SPEC table, and the single place
-//! where an error becomes bytes on the wire (a JSON body or one SSE event).
+//! The error vocabulary of the API: one code per row of the contract's table (§1.1), its
+//! HTTP status, and [`ApiError`], the value every refusal and failure travels as until the
+//! service renders it ([`crate::wire`] shapes the bytes).
 
 use bytes::Bytes;
 use http::StatusCode;
-use serde::Serialize;
 
-use crate::sse::encode;
+use crate::wire;
 
-/// A machine-readable error code, exactly the SPEC §1.1 table.
+/// A machine-readable error code, exactly the contract's table (§1.1).
 ///
 /// Codes are part of the public contract: clients switch on the string, so a variant's
 /// [`as_str`](ErrorCode::as_str) never changes once released. A new code goes before
-/// `Internal` and into [`ErrorCode::ALL`] (the metrics index their counters by it).
+/// `Internal` and into `ErrorCode::ALL` (the metrics index their counters by it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// Malformed JSON, a missing/empty/too long `query`, a bad `topK` or `stream` value.
@@ -44,7 +44,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in declaration order, so `code as usize` indexes it.
-    pub const ALL: [ErrorCode; 13] = [
+    pub(crate) const ALL: [ErrorCode; 13] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::NotFound,
@@ -108,7 +108,8 @@ impl std::fmt::Display for ErrorCode {
 
 /// An error on its way to a client: a code and a human message.
 ///
-/// Handlers return these as values; [`crate::service`] is the one place that renders them.
+/// Handlers return these as values; the service renders them in one place, as a JSON body
+/// or as one SSE event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiError {
     /// What went wrong, for machines.
@@ -137,14 +138,12 @@ impl ApiError {
 
     /// The error object as a JSON document: `{"type":"error","code":…,"message":…}`.
     pub fn to_json(&self) -> Bytes {
-        let body = ErrorObject::new(self.code, &self.message);
-        // Serializing a struct of strings cannot fail.
-        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+        wire::error_json(self.code.as_str(), &self.message)
     }
 
     /// The error object as one SSE `data:` event.
     pub fn to_event(&self) -> Bytes {
-        encode::error(self.code, &self.message)
+        wire::error_event(self.code.as_str(), &self.message)
     }
 }
 
@@ -155,25 +154,6 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
-
-/// The wire shape of an error, shared by the JSON body and the SSE event.
-#[derive(Serialize)]
-pub(crate) struct ErrorObject<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    code: &'static str,
-    message: &'a str,
-}
-
-impl<'a> ErrorObject<'a> {
-    pub(crate) fn new(code: ErrorCode, message: &'a str) -> Self {
-        ErrorObject {
-            kind: "error",
-            code: code.as_str(),
-            message,
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -16,36 +16,52 @@
 //!
 //! # Modules, in reading order
 //!
-//! - [`server`]: the accept loop, socket options, graceful shutdown ([`shutdown`]).
-//! - [`service`]: [`AskService`], the hyper service; routing and error rendering.
-//! - [`request`]: from HTTP request to a validated ask.
+//! The contract these modules implement is `docs/contract.md`; comments cite it as
+//! "contract §N".
+//!
+//! - [`ServiceConfig`] (`config`): every setting, with its default.
+//! - [`Builder`] (`builder`): the composition root, the one place that picks concrete
+//!   pieces (BM25, the sim or openai generator, the in-memory quota map).
+//! - [`serve`] (`server`): the accept loop, socket options, the shutdown sequence;
+//!   [`shutdown`]: the drain and stop states it drives.
+//! - [`AskService`] (`service`): the hyper service; routing, the checks an ask passes in
+//!   order, and the one place an error becomes a response ([`AskBody`], `body`).
+//!   `request` turns a request into a validated ask.
 //! - [`auth`]: keys file or open mode; who pays for an ask.
-//! - [`quota`]: the sharded quota map and its self-refunding [`quota::Charge`].
-//! - `answer` (private): the per-ask driver that races the generator against the client
-//!   leaving, timeouts, heartbeats and shutdown, and settles or refunds exactly once.
+//! - [`quota`]: the [`quota::QuotaStore`] trait, its self-refunding [`quota::Charge`], and
+//!   the sharded in-memory [`quota::QuotaMap`].
+//! - `answer`: the per-ask driver that races the generator against the client leaving,
+//!   timeouts, heartbeats and shutdown, and its one `Outcome`, on which the charge, the
+//!   log line and the metrics are settled exactly once.
 //! - [`pipeline`]: the [`pipeline::Retriever`] and [`pipeline::Generator`] traits, with the
-//!   embedded BM25 index and simulated generator.
-//! - [`sse`]: frame encoding, the channel-backed body, an incremental decoder.
-//! - [`error`]: the SPEC's error codes; [`config`]: every flag.
-//! - [`web`]: the demo page at `/` and the reusable browser client at `/client.js`,
-//!   embedded in the binary.
+//!   embedded BM25 index, the simulated generator and the OpenAI-compatible one.
+//! - [`wire`]: every document the API sends, as bytes; [`ErrorCode`] and [`ApiError`]
+//!   (`error`): the error vocabulary.
+//! - [`sse`]: the channel-backed body and its sender; an incremental decoder.
+//! - `metrics` (`GET /metrics`) and `web` (the demo page), served by the service.
 
 mod answer;
 pub mod auth;
+mod body;
+mod builder;
+mod clock;
 pub mod config;
-pub mod error;
-pub mod metrics;
+mod error;
+mod metrics;
 pub mod pipeline;
 pub mod quota;
-pub mod request;
-pub mod server;
-pub mod service;
+mod request;
+mod server;
+mod service;
 pub mod shutdown;
 pub mod sse;
-pub mod web;
+mod web;
+pub mod wire;
 
-pub use answer::{JsonBody, QueryId};
-pub use config::Config;
+pub use body::AskBody;
+pub use builder::{Builder, StartupError};
+pub use config::{GeneratorConfig, ServiceConfig};
 pub use error::{ApiError, ErrorCode};
-pub use server::{run, serve};
-pub use service::{AskBody, AskService, PeerAddr};
+pub use pipeline::BoxFuture;
+pub use server::serve;
+pub use service::{AskService, PeerAddr};

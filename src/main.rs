@@ -1,4 +1,7 @@
-//! The `askstream` binary: flags → config → bind → [`askstream::run`] → exit code.
+//! The `askstream` binary: flags → [`ServiceConfig`](askstream::ServiceConfig) → bind →
+//! [`askstream::serve`] → exit code. Everything else is the library's.
+
+mod cli;
 
 use std::process::ExitCode;
 
@@ -10,7 +13,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let config = askstream::Config::parse();
+    let flags = cli::Flags::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -18,10 +21,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let config = match flags.service_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("askstream: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // `available_parallelism` honours the CPU affinity mask, so a server pinned to one core
     // (`taskset -c 0`) gets the single-threaded runtime: on one core, work stealing and
     // cross-thread wake-ups only add latency.
-    let workers = config.workers.map_or_else(
+    let workers = flags.workers.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         |n| n as usize,
     );
@@ -42,19 +52,21 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         // Handlers first: from here on SIGTERM means a graceful shutdown, never a kill.
         let signal = askstream::shutdown::signal();
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
-            Ok(l) => l,
+        let service = match askstream::AskService::builder(config).build() {
+            Ok(s) => s,
             Err(e) => {
-                eprintln!("askstream: cannot listen on {}: {e}", config.listen);
+                eprintln!("askstream: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        match askstream::run(config, listener, signal).await {
-            Ok(()) => ExitCode::SUCCESS,
+        let listener = match tokio::net::TcpListener::bind(flags.listen).await {
+            Ok(l) => l,
             Err(e) => {
-                eprintln!("askstream: {e}");
-                ExitCode::FAILURE
+                eprintln!("askstream: cannot listen on {}: {e}", flags.listen);
+                return ExitCode::FAILURE;
             }
-        }
+        };
+        askstream::serve(listener, service, signal).await;
+        ExitCode::SUCCESS
     })
 }

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::answer::Outcome;
 use crate::error::ErrorCode;
 
 /// Every error code, in the order their counters are kept.
@@ -27,7 +28,7 @@ const BUCKETS: [f64; 16] = [
 
 /// A fixed-bucket latency histogram of atomics.
 #[derive(Default)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     /// Cumulative-at-render counts per bucket; the last slot is `+Inf`.
     counts: [AtomicU64; BUCKETS.len() + 1],
     sum_nanos: AtomicU64,
@@ -35,7 +36,7 @@ pub struct Histogram {
 
 impl Histogram {
     /// Records one observation.
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = BUCKETS
             .iter()
@@ -47,7 +48,8 @@ impl Histogram {
     }
 
     /// Observations so far.
-    pub fn count(&self) -> u64 {
+    #[cfg(test)]
+    fn count(&self) -> u64 {
         self.counts.iter().map(|c| c.load(Relaxed)).sum()
     }
 
@@ -67,7 +69,7 @@ impl Histogram {
 
 /// The server's metrics. One per [`crate::AskService`], shared by all its clones.
 #[derive(Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     done: AtomicU64,
     disconnected: AtomicU64,
     /// Answers that started and then failed, by code.
@@ -84,38 +86,40 @@ pub struct Metrics {
 
 impl Metrics {
     /// An ask was refused before its answer started.
-    pub fn rejected(&self, code: ErrorCode) {
+    pub(crate) fn rejected(&self, code: ErrorCode) {
         self.rejected[code_index(code)].fetch_add(1, Relaxed);
     }
 
-    /// An answer ended: delivered (`None`) or not, with its failure code if it had one.
-    pub fn finished(&self, outcome: Finished) {
-        self.tokens.fetch_add(u64::from(outcome.tokens), Relaxed);
-        match outcome.failure {
-            None => {
-                self.done.fetch_add(1, Relaxed);
-            }
-            Some(None) => {
-                self.disconnected.fetch_add(1, Relaxed);
-            }
-            Some(Some(code)) => {
-                self.failed[code_index(code)].fetch_add(1, Relaxed);
-            }
-        }
-        if outcome.refunded {
+    /// An answer ended. `tokens`: token events sent; `ttft`: request received → first
+    /// event yielded, when one was; `disconnect_lag`: body dropped → answer stopped.
+    pub(crate) fn finished(
+        &self,
+        outcome: &Outcome,
+        tokens: u32,
+        ttft: Option<Duration>,
+        disconnect_lag: Option<Duration>,
+    ) {
+        self.tokens.fetch_add(u64::from(tokens), Relaxed);
+        let counter = match outcome {
+            Outcome::Delivered => &self.done,
+            Outcome::Disconnected => &self.disconnected,
+            Outcome::Failed(e) => &self.failed[code_index(e.code)],
+        };
+        counter.fetch_add(1, Relaxed);
+        if outcome.refunds() {
             self.refunds.fetch_add(1, Relaxed);
         }
-        if let Some(t) = outcome.ttft {
+        if let Some(t) = ttft {
             self.ttft.observe(t);
         }
-        if let Some(lag) = outcome.disconnect_lag {
+        if let Some(lag) = disconnect_lag {
             self.disconnect_lag.observe(lag);
         }
     }
 
     /// The Prometheus text exposition (format version 0.0.4). `active` is the number of
     /// answers in flight, which the `--max-streams` semaphore already counts.
-    pub fn render(&self, active: u64) -> String {
+    pub(crate) fn render(&self, active: u64) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP askstream_asks_total Asks by outcome: answers done, disconnected or failed (by code), and asks rejected before answering (by code).\n# TYPE askstream_asks_total counter\n");
         let _ = writeln!(
@@ -202,21 +206,6 @@ impl Metrics {
     }
 }
 
-/// How one answer ended, for [`Metrics::finished`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Finished {
-    /// `None`: delivered. `Some(None)`: the client left. `Some(Some(code))`: failed.
-    pub failure: Option<Option<ErrorCode>>,
-    /// Whether the charge was refunded.
-    pub refunded: bool,
-    /// Token events sent.
-    pub tokens: u32,
-    /// Request received → first frame yielded, when one was.
-    pub ttft: Option<Duration>,
-    /// Body dropped → answer stopped, for disconnects.
-    pub disconnect_lag: Option<Duration>,
-}
-
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
@@ -246,23 +235,20 @@ mod tests {
     #[test]
     fn outcomes_land_in_their_series() {
         let m = Metrics::default();
-        m.finished(Finished {
-            tokens: 64,
-            ttft: Some(Duration::from_micros(300)),
-            ..Finished::default()
-        });
-        m.finished(Finished {
-            failure: Some(None),
-            refunded: true,
-            tokens: 5,
-            disconnect_lag: Some(Duration::from_micros(20)),
-            ..Finished::default()
-        });
-        m.finished(Finished {
-            failure: Some(Some(ErrorCode::SlowClient)),
-            refunded: true,
-            ..Finished::default()
-        });
+        m.finished(
+            &Outcome::Delivered,
+            64,
+            Some(Duration::from_micros(300)),
+            None,
+        );
+        m.finished(
+            &Outcome::Disconnected,
+            5,
+            None,
+            Some(Duration::from_micros(20)),
+        );
+        let slow = crate::error::ApiError::new(ErrorCode::SlowClient, "slow");
+        m.finished(&Outcome::Failed(slow), 0, None, None);
         m.rejected(ErrorCode::QuotaExceeded);
         m.rejected(ErrorCode::BadRequest);
         let text = m.render(0);

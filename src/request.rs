@@ -16,15 +16,15 @@ use serde::Deserialize;
 use crate::error::{ApiError, ErrorCode};
 
 /// Longest accepted query, in characters after trimming.
-pub const MAX_QUERY_CHARS: usize = 4000;
+pub(crate) const MAX_QUERY_CHARS: usize = 4000;
 /// `topK` when the request does not say.
-pub const DEFAULT_TOP_K: usize = 4;
+pub(crate) const DEFAULT_TOP_K: usize = 4;
 /// Largest accepted `topK`.
-pub const MAX_TOP_K: usize = 20;
+pub(crate) const MAX_TOP_K: usize = 20;
 
 /// A validated ask.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AskRequest {
+pub(crate) struct AskRequest {
     /// The question, trimmed, 1 to [`MAX_QUERY_CHARS`] characters.
     pub query: Arc<str>,
     /// How many passages to retrieve, 1 to [`MAX_TOP_K`].
@@ -32,7 +32,7 @@ pub struct AskRequest {
 }
 
 /// Reads `?stream=`: `true`/`1` streams, absent/`false`/`0` answers as JSON.
-pub fn stream_mode(uri: &Uri) -> Result<bool, ApiError> {
+pub(crate) fn stream_mode(uri: &Uri) -> Result<bool, ApiError> {
     let mut mode = false;
     for pair in uri.query().unwrap_or("").split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -54,7 +54,7 @@ pub fn stream_mode(uri: &Uri) -> Result<bool, ApiError> {
 
 /// Refuses a `content-type` that is present and is not JSON (`application/json` or any
 /// `+json` type, parameters such as `charset` allowed).
-pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
@@ -80,7 +80,7 @@ pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// Reads the whole body, refusing more than `max` bytes while reading (a declared length
 /// over the limit is refused before reading anything) and a body slower than `timeout`.
-pub async fn read_body<B>(body: B, max: u64, timeout: Duration) -> Result<Bytes, ApiError>
+pub(crate) async fn read_body<B>(body: B, max: u64, timeout: Duration) -> Result<Bytes, ApiError>
 where
     B: Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -112,7 +112,7 @@ struct RawAsk {
 }
 
 /// Parses `{"query": "...", "topK": n}`; unknown fields are ignored.
-pub fn parse_ask(body: &[u8]) -> Result<AskRequest, ApiError> {
+pub(crate) fn parse_ask(body: &[u8]) -> Result<AskRequest, ApiError> {
     let raw: RawAsk = serde_json::from_slice(body)
         .map_err(|e| bad_request(format!("the body is not a valid ask: {e}")))?;
     let query = match raw.query {

@@ -8,7 +8,7 @@
 //! The protocol is chosen by peeking at the first bytes, leaving them in the socket.
 //! hyper-util's own detection reads them and replays them to hyper, and that replay makes
 //! hyper's HTTP/1 read buffer double to 16 KB for the connection's whole life: an idle
-//! stream's largest single cost (found with heaptrack; see `Sniffed`).
+//! stream's largest single cost (see `Sniffed`).
 
 use std::future::Future;
 use std::io;
@@ -23,45 +23,17 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::quota::QuotaStore;
-use crate::service::{AskService, StartupError};
+use crate::config::ServiceConfig;
+use crate::service::AskService;
 
 /// How long connections get to flush their final events after the grace period, before
 /// the server exits regardless.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
-/// Builds the service from `config` with the embedded defaults, sweeps idle quota entries,
-/// and serves `listener` until `signal` resolves; then drains (see [`serve`]).
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    signal: impl Future<Output = ()>,
-) -> Result<(), StartupError> {
-    let service = AskService::builder(config).build()?;
-    let quota = service.quota().clone();
-    if service.config().keys.is_none() {
-        tracing::warn!(
-            "no --keys file: open mode, the user is the bearer token or else the client IP"
-        );
-    }
-    let stop_sweeper = CancellationToken::new();
-    let sweep_every = service.config().quota_window.min(Duration::from_secs(60));
-    let sweeper = quota.spawn_sweeper(sweep_every, stop_sweeper.clone());
-    serve(listener, service, signal).await;
-    stop_sweeper.cancel();
-    let _ = sweeper.await;
-    Ok(())
-}
-
 /// Serves `listener` with `service` until `signal` resolves, then shuts down gracefully:
 /// stop accepting and start draining; give answers in flight `--shutdown-grace-secs`;
 /// then end the rest with `SHUTTING_DOWN` (refunded) and return.
-pub async fn serve<Q: QuotaStore>(
-    listener: TcpListener,
-    service: AskService<Q>,
-    signal: impl Future<Output = ()>,
-) {
+pub async fn serve(listener: TcpListener, service: AskService, signal: impl Future<Output = ()>) {
     let config = service.config().clone();
     let protocols = Arc::new(Protocols::new(&config));
     let graceful = GracefulShutdown::new();
@@ -94,7 +66,7 @@ pub async fn serve<Q: QuotaStore>(
         let watcher = graceful.watcher();
         let protocols = protocols.clone();
         let service = service.with_peer(peer);
-        let first_bytes_within = config.header_timeout();
+        let first_bytes_within = config.header_timeout;
         let stop_silent = stop_silent.clone();
         tokio::spawn(async move {
             let Some(sniffed) = sniff(&stream, first_bytes_within, &stop_silent).await else {
@@ -131,11 +103,11 @@ pub async fn serve<Q: QuotaStore>(
     tracing::info!(
         connections = graceful.count(),
         answers = service.in_flight(),
-        grace_secs = config.shutdown_grace_secs,
+        grace_secs = config.shutdown_grace.as_secs(),
         "shutting down: draining"
     );
     let mut closed = pin!(graceful.shutdown());
-    if tokio::time::timeout(config.shutdown_grace(), &mut closed)
+    if tokio::time::timeout(config.shutdown_grace, &mut closed)
         .await
         .is_err()
     {
@@ -213,20 +185,20 @@ struct Protocols {
 }
 
 impl Protocols {
-    fn new(config: &Config) -> Protocols {
+    fn new(config: &ServiceConfig) -> Protocols {
         // hyper-util's builder wraps hyper's two but takes no finished ones, hence the
         // same settings twice.
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_timeout());
+            .header_read_timeout(config.header_timeout);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
         let mut unsure = auto::Builder::new(TokioExecutor::new());
         unsure
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_timeout());
+            .header_read_timeout(config.header_timeout);
         unsure.http2().timer(TokioTimer::new());
         Protocols {
             http1,
@@ -237,10 +209,10 @@ impl Protocols {
 }
 
 /// Sets the per-socket options the SPEC requires.
-fn tune(stream: &TcpStream, config: &Config) -> io::Result<()> {
+fn tune(stream: &TcpStream, config: &ServiceConfig) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let sock = socket2::SockRef::from(stream);
-    let dead = config.dead_peer();
+    let dead = config.dead_peer;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time((dead / 2).max(Duration::from_secs(1)))
         .with_interval((dead / 6).max(Duration::from_secs(1)))
@@ -293,9 +265,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let config = Config {
-            dead_peer_secs: 12,
-            ..Config::default()
+        let config = ServiceConfig {
+            dead_peer: Duration::from_secs(12),
+            ..ServiceConfig::default()
         };
         tune(&server, &config).unwrap();
         assert!(server.nodelay().unwrap());

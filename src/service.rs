@@ -13,45 +13,42 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Once};
+use std::task::Context;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body::Body;
 use hyper::service::Service;
-use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::answer::{self, Ask, JsonBody, Pipeline, QueryId};
-use crate::auth::{Auth, KeysError};
-use crate::config::{Config, GeneratorKind};
+use crate::answer::{self, Ask, Pipeline, QueryId};
+use crate::auth::Auth;
+use crate::body::AskBody;
+use crate::builder::Builder;
+use crate::clock::{rfc3339, unix_now};
+use crate::config::ServiceConfig;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
-use crate::pipeline::bm25::Bm25Index;
-use crate::pipeline::openai::OpenAiGenerator;
-use crate::pipeline::sim::{SimConfig, SimGenerator};
-use crate::pipeline::{Generator, Retriever};
-use crate::quota::{self, QuotaError, QuotaMap, QuotaStore};
+use crate::quota::{QuotaError, QuotaStore};
 use crate::request;
 use crate::shutdown::Shutdown;
-use crate::sse::body::{SseBody, channel};
-use crate::web;
+use crate::sse::body::channel;
+use crate::{web, wire};
 
 /// The ask endpoint.
-pub const ASK_PATH: &str = "/api/v1/ai/ask";
+pub(crate) const ASK_PATH: &str = "/api/v1/ai/ask";
 /// The caller's quota.
-pub const QUOTA_PATH: &str = "/api/v1/quota";
+pub(crate) const QUOTA_PATH: &str = "/api/v1/quota";
 /// Prometheus metrics.
-pub const METRICS_PATH: &str = "/metrics";
+pub(crate) const METRICS_PATH: &str = "/metrics";
 /// Liveness and draining state, for load balancers.
-pub const HEALTH_PATH: &str = "/healthz";
+pub(crate) const HEALTH_PATH: &str = "/healthz";
 
 /// The client's address, for open mode's per-IP quota, for an embedder to insert into a
 /// request's extensions. (The server itself serves each connection with
@@ -60,199 +57,75 @@ pub const HEALTH_PATH: &str = "/healthz";
 pub struct PeerAddr(pub SocketAddr);
 
 /// The askstream HTTP API as a hyper service. Cheap to clone (one `Arc`).
-pub struct AskService<Q: QuotaStore = QuotaMap> {
-    inner: Arc<Inner<Q>>,
+#[derive(Clone)]
+pub struct AskService {
+    inner: Arc<Inner>,
     /// The connection's peer, when this clone serves one connection.
     peer: Option<SocketAddr>,
 }
 
-impl<Q: QuotaStore> Clone for AskService<Q> {
-    fn clone(&self) -> Self {
-        AskService {
-            inner: self.inner.clone(),
-            peer: self.peer,
-        }
-    }
-}
-
-struct Inner<Q> {
-    config: Config,
+struct Inner {
+    config: ServiceConfig,
     pipeline: Arc<Pipeline>,
     auth: Auth,
-    quota: Arc<Q>,
+    quota: Arc<dyn QuotaStore>,
     /// Bounds answers in flight (`--max-streams`); a permit lives as long as its answer.
     streams: Arc<Semaphore>,
     /// Every spawned answer, so shutdown can wait for their refunds to land.
     answers: TaskTracker,
+    /// The quota store's housekeeping starts with the first request (inside a runtime,
+    /// whoever built the service) and stops when the service is dropped.
+    housekeeping: Once,
+    stop_housekeeping: CancellationToken,
 }
 
-/// Why the service could not be built from its configuration.
-#[derive(Debug)]
-pub enum StartupError {
-    /// The keys file could not be read or parsed.
-    Keys(KeysError),
-    /// The documents folder could not be indexed.
-    Docs {
-        /// The folder given with `--docs`.
-        path: PathBuf,
-        /// What went wrong.
-        error: std::io::Error,
-    },
-    /// The `openai` generator's flags are missing or unusable (no URL or model, an
-    /// unusable URL, an unset key variable).
-    Upstream(crate::pipeline::openai::ConfigError),
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop_housekeeping.cancel();
+    }
 }
 
-impl std::fmt::Display for StartupError {
+impl std::fmt::Debug for AskService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            // `Auth::from_file` names the file itself.
-            StartupError::Keys(e) => write!(f, "{e}"),
-            StartupError::Docs { path, error } => {
-                write!(f, "documents folder {}: {error}", path.display())
-            }
-            StartupError::Upstream(e) => write!(f, "upstream: {e}"),
-        }
+        f.debug_struct("AskService")
+            .field("config", &self.inner.config)
+            .field("auth", &self.inner.auth)
+            .field("peer", &self.peer)
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
     }
 }
 
-impl std::error::Error for StartupError {}
-
-/// Builds an [`AskService`]: the embedded defaults for anything not given.
-pub struct Builder<Q = QuotaMap> {
-    config: Config,
-    auth: Option<Auth>,
-    quota: Arc<Q>,
-    retriever: Option<Arc<dyn Retriever>>,
-    generator: Option<Arc<dyn Generator>>,
-    shutdown: Shutdown,
-}
-
-impl AskService<QuotaMap> {
-    /// Starts building a service from `config`, with an in-memory quota map.
-    pub fn builder(config: Config) -> Builder<QuotaMap> {
-        let quota = Arc::new(QuotaMap::new(config.quota_window));
-        Builder {
-            config,
-            auth: None,
-            quota,
-            retriever: None,
-            generator: None,
-            shutdown: Shutdown::new(),
-        }
-    }
-}
-
-impl<Q: QuotaStore> Builder<Q> {
-    /// Uses this identification instead of `config.keys`.
-    pub fn auth(mut self, auth: Auth) -> Self {
-        self.auth = Some(auth);
-        self
+impl AskService {
+    /// Starts building a service from `config`; anything not given to the builder comes
+    /// from the config's defaults (see [`Builder`]).
+    pub fn builder(config: ServiceConfig) -> Builder {
+        Builder::new(config)
     }
 
-    /// Uses another quota store (shared with other services, or not in memory).
-    pub fn quota<Q2: QuotaStore>(self, quota: Arc<Q2>) -> Builder<Q2> {
-        let Builder {
-            config,
-            auth,
-            retriever,
-            generator,
-            shutdown,
-            ..
-        } = self;
-        Builder {
-            config,
-            auth,
-            quota,
-            retriever,
-            generator,
-            shutdown,
-        }
-    }
-
-    /// Uses this retriever instead of BM25 over `config.docs` or the built-in corpus.
-    pub fn retriever(mut self, retriever: Arc<dyn Retriever>) -> Self {
-        self.retriever = Some(retriever);
-        self
-    }
-
-    /// Uses this generator instead of the one `config.generator` names.
-    pub fn generator(mut self, generator: Arc<dyn Generator>) -> Self {
-        self.generator = Some(generator);
-        self
-    }
-
-    /// Shares a shutdown handle (the server's, or an embedder's own).
-    pub fn shutdown(mut self, shutdown: Shutdown) -> Self {
-        self.shutdown = shutdown;
-        self
-    }
-
-    /// Loads what was not given (keys file, documents) and builds the service.
-    pub fn build(self) -> Result<AskService<Q>, StartupError> {
-        let Builder {
-            config,
-            auth,
-            quota,
-            retriever,
-            generator,
-            shutdown,
-        } = self;
-        let auth = match (auth, &config.keys) {
-            (Some(a), _) => a,
-            (None, Some(path)) => Auth::from_file(path).map_err(StartupError::Keys)?,
-            (None, None) => Auth::Open,
-        };
-        let retriever = match (retriever, &config.docs) {
-            (Some(r), _) => r,
-            (None, Some(dir)) => {
-                Arc::new(
-                    Bm25Index::from_dir(dir).map_err(|error| StartupError::Docs {
-                        path: dir.clone(),
-                        error,
-                    })?,
-                )
-            }
-            (None, None) => Arc::new(Bm25Index::builtin()),
-        };
-        let generator: Arc<dyn Generator> = match (generator, config.generator) {
-            (Some(g), _) => g,
-            (None, GeneratorKind::Sim) => Arc::new(SimGenerator::new(SimConfig {
-                ttft: std::time::Duration::from_millis(config.sim_ttft_ms),
-                token_interval: std::time::Duration::from_millis(config.sim_token_ms),
-                tokens: config.sim_tokens,
-            })),
-            (None, GeneratorKind::Openai) => {
-                Arc::new(OpenAiGenerator::from_flags(&config).map_err(StartupError::Upstream)?)
-            }
-        };
-        let pipeline = Arc::new(Pipeline {
-            retriever,
-            generator,
-            shutdown,
-            ttft_timeout: config.ttft_timeout(),
-            idle_timeout: config.idle_timeout(),
-            heartbeat: config.heartbeat(),
-            slow_client: config.slow_client(),
-            metrics: Arc::new(Metrics::default()),
-        });
-        let streams = Arc::new(Semaphore::new(config.max_streams as usize));
-        let inner = Inner {
-            config,
-            pipeline,
-            auth,
-            quota,
-            streams,
-            answers: TaskTracker::new(),
-        };
-        Ok(AskService {
-            inner: Arc::new(inner),
+    /// The builder's last step: the service around its parts.
+    pub(crate) fn assemble(
+        config: ServiceConfig,
+        auth: Auth,
+        quota: Arc<dyn QuotaStore>,
+        pipeline: Pipeline,
+    ) -> Self {
+        let streams = Arc::new(Semaphore::new(config.max_streams));
+        AskService {
+            inner: Arc::new(Inner {
+                config,
+                pipeline: Arc::new(pipeline),
+                auth,
+                quota,
+                streams,
+                answers: TaskTracker::new(),
+                housekeeping: Once::new(),
+                stop_housekeeping: CancellationToken::new(),
+            }),
             peer: None,
-        })
+        }
     }
-}
 
-impl<Q: QuotaStore> AskService<Q> {
     /// A clone that attributes requests without a [`PeerAddr`] extension to `peer`.
     pub fn with_peer(&self, peer: SocketAddr) -> Self {
         AskService {
@@ -262,29 +135,23 @@ impl<Q: QuotaStore> AskService<Q> {
     }
 
     /// The configuration the service was built with.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &ServiceConfig {
         &self.inner.config
     }
 
     /// The shutdown handle: [`Shutdown::drain`] refuses new asks, [`Shutdown::stop`] ends
     /// the ones in flight.
     pub fn shutdown(&self) -> &Shutdown {
-        &self.inner.pipeline.shutdown
+        self.inner.pipeline.shutdown()
     }
 
-    /// The quota store.
-    pub fn quota(&self) -> &Arc<Q> {
-        &self.inner.quota
-    }
-
-    /// The server's counters and histograms (what `GET /metrics` renders).
-    pub fn metrics(&self) -> &Metrics {
-        &self.inner.pipeline.metrics
+    fn metrics(&self) -> &Metrics {
+        self.inner.pipeline.metrics()
     }
 
     /// Answers in flight right now (both modes).
     pub fn in_flight(&self) -> usize {
-        self.inner.config.max_streams as usize - self.inner.streams.available_permits()
+        self.inner.config.max_streams - self.inner.streams.available_permits()
     }
 
     /// Resolves when every streaming answer spawned so far has finished (settled or
@@ -293,6 +160,17 @@ impl<Q: QuotaStore> AskService<Q> {
         self.inner.answers.close();
         self.inner.answers.wait().await;
         self.inner.answers.reopen();
+    }
+
+    /// Starts the quota store's background work the first time it is called.
+    fn start_housekeeping(&self) {
+        let inner = &*self.inner;
+        inner.housekeeping.call_once(|| {
+            inner
+                .quota
+                .clone()
+                .spawn_housekeeping(inner.stop_housekeeping.clone());
+        });
     }
 
     async fn route<B>(self, req: Request<B>) -> Response<AskBody>
@@ -309,7 +187,7 @@ impl<Q: QuotaStore> AskService<Q> {
             (_, QUOTA_PATH | HEALTH_PATH | METRICS_PATH) => "GET, HEAD",
             (method, path) => match web::asset(path) {
                 Some(file) if matches!(*method, Method::GET | Method::HEAD) => {
-                    return file.response().map(|b| AskBody::Full(Full::new(b)));
+                    return file.response().map(AskBody::full);
                 }
                 Some(_) => "GET, HEAD",
                 None => {
@@ -387,7 +265,7 @@ impl<Q: QuotaStore> AskService<Q> {
         let body = request::read_body(
             req.into_body(),
             inner.config.max_body_bytes,
-            inner.config.header_timeout(),
+            inner.config.header_timeout,
         )
         .await?;
         let ask = request::parse_ask(&body)?;
@@ -413,7 +291,7 @@ impl<Q: QuotaStore> AskService<Q> {
         };
         let query_id = query_id_header(&ask.id);
         if stream {
-            let (tx, body) = channel(inner.config.stream_buffer as usize);
+            let (tx, body) = channel(inner.config.stream_buffer);
             let mut answer = Box::pin(answer::stream(
                 inner.pipeline.clone(),
                 ask,
@@ -432,7 +310,7 @@ impl<Q: QuotaStore> AskService<Q> {
             }
             return Ok(sse_response(
                 StatusCode::OK,
-                AskBody::Sse(body),
+                AskBody::sse(body),
                 version,
                 Some(query_id),
             ));
@@ -443,7 +321,7 @@ impl<Q: QuotaStore> AskService<Q> {
             Ok(body) => body,
             Err(e) => return Ok(error_response(&e, Mode::Json)),
         };
-        let mut res = Response::new(AskBody::Json(body));
+        let mut res = Response::new(AskBody::json(body));
         res.headers_mut().insert(header::CONTENT_TYPE, JSON);
         res.headers_mut().insert(X_QUERY_ID, query_id);
         Ok(res)
@@ -460,32 +338,18 @@ impl<Q: QuotaStore> AskService<Q> {
         };
         let limit = identity.limit.unwrap_or(inner.config.quota_limit);
         match inner.quota.status(&identity.user, limit).await {
-            Ok(s) => {
-                #[derive(Serialize)]
-                #[serde(rename_all = "camelCase")]
-                struct Status {
-                    limit: u32,
-                    remaining: u32,
-                    resets_at: String,
-                }
-                let body = Status {
-                    limit: s.limit,
-                    remaining: s.remaining,
-                    resets_at: quota::rfc3339(s.resets_at),
-                };
-                json_response(
-                    StatusCode::OK,
-                    Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
-                )
-            }
+            Ok(s) => json_response(
+                StatusCode::OK,
+                wire::quota_status(s.limit, s.remaining, &rfc3339(s.resets_at)),
+            ),
             Err(e) => error_response(&quota_error(e), Mode::Json),
         }
     }
 
     fn metrics_text(&self) -> Response<AskBody> {
-        let mut res = Response::new(AskBody::Full(Full::new(Bytes::from(
+        let mut res = Response::new(AskBody::full(Bytes::from(
             self.metrics().render(self.in_flight() as u64),
-        ))));
+        )));
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -500,9 +364,7 @@ impl<Q: QuotaStore> AskService<Q> {
         } else {
             (StatusCode::OK, "ok\n")
         };
-        let mut res = Response::new(AskBody::Full(Full::new(Bytes::from_static(
-            text.as_bytes(),
-        ))));
+        let mut res = Response::new(AskBody::full(Bytes::from_static(text.as_bytes())));
         *res.status_mut() = status;
         res.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -513,7 +375,7 @@ impl<Q: QuotaStore> AskService<Q> {
     }
 }
 
-impl<Q: QuotaStore, B> Service<Request<B>> for AskService<Q>
+impl<B> Service<Request<B>> for AskService
 where
     B: Body + Send + 'static,
     B::Data: Send,
@@ -525,6 +387,7 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Response<AskBody>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<B>) -> Self::Future {
+        self.start_housekeeping();
         let this = self.clone();
         Box::pin(async move { Ok(this.route(req).await) })
     }
@@ -559,7 +422,7 @@ fn error_response(err: &ApiError, mode: Mode) -> Response<AskBody> {
         Mode::Json => json_response(err.code.status(), err.to_json()),
         Mode::Sse(version) => sse_response(
             err.code.status(),
-            AskBody::Full(Full::new(err.to_event())),
+            AskBody::full(err.to_event()),
             version,
             None,
         ),
@@ -572,7 +435,7 @@ fn error_response(err: &ApiError, mode: Mode) -> Response<AskBody> {
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response<AskBody> {
-    let mut res = Response::new(AskBody::Full(Full::new(body)));
+    let mut res = Response::new(AskBody::full(body));
     *res.status_mut() = status;
     res.headers_mut().insert(header::CONTENT_TYPE, JSON);
     res
@@ -606,52 +469,8 @@ fn quota_error(e: QuotaError) -> ApiError {
         QuotaError::Unavailable(_) => ErrorCode::Internal,
     };
     let err = ApiError::new(code, e.to_string());
-    match e.retry_after_secs(quota::unix_now()) {
+    match e.retry_after_secs(unix_now()) {
         Some(secs) => err.with_retry_after(secs),
         None => err,
-    }
-}
-
-/// Every response body the service produces. Concrete, so hyper's write path is
-/// monomorphic; the variants are the three shapes of an answer.
-#[derive(Debug)]
-pub enum AskBody {
-    /// A complete small body (errors, quota, health).
-    Full(Full<Bytes>),
-    /// A streaming answer.
-    Sse(SseBody),
-    /// A JSON answer, which settles its charge when yielded.
-    Json(JsonBody),
-}
-
-impl Body for AskBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        match self.get_mut() {
-            AskBody::Full(b) => Pin::new(b).poll_frame(cx),
-            AskBody::Sse(b) => Pin::new(b).poll_frame(cx),
-            AskBody::Json(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            AskBody::Full(b) => b.is_end_stream(),
-            AskBody::Sse(b) => b.is_end_stream(),
-            AskBody::Json(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            AskBody::Full(b) => b.size_hint(),
-            AskBody::Sse(b) => b.size_hint(),
-            AskBody::Json(b) => b.size_hint(),
-        }
     }
 }

@@ -4,7 +4,7 @@
 //! with `SHUTTING_DOWN`, while answers already streaming keep going. *Stopping* ends every
 //! answer still running with a `SHUTTING_DOWN` event, refunded.
 //!
-//! These are the service's two states only. [`crate::serve`] runs the whole sequence
+//! These are the service's two states only. [`serve`](crate::serve) runs the whole sequence
 //! around them: it ends the accept loop, drains, closes connections as their responses
 //! finish, and stops once the grace period is over.
 
@@ -35,11 +35,6 @@ impl Shutdown {
         self.drain.is_cancelled()
     }
 
-    /// Resolves when draining starts.
-    pub fn draining(&self) -> WaitForCancellationFuture<'_> {
-        self.drain.cancelled()
-    }
-
     /// The grace period is over: answers still running must end now. Implies draining.
     pub fn stop(&self) {
         self.drain.cancel();
@@ -47,7 +42,8 @@ impl Shutdown {
     }
 
     /// Whether answers have been told to stop.
-    pub fn is_stopped(&self) -> bool {
+    #[cfg(test)]
+    fn is_stopped(&self) -> bool {
         self.stop.is_cancelled()
     }
 
@@ -97,7 +93,6 @@ mod tests {
         assert!(!s.is_draining() && !s.is_stopped());
         s.drain();
         assert!(s.is_draining() && !s.is_stopped());
-        s.draining().await;
         let waiter = {
             let s = s.clone();
             tokio::spawn(async move { s.stopped().await })

@@ -249,7 +249,7 @@ fn a_full_large_buffer_turns_over_without_allocating() {
     const BUFFER: usize = 256;
     let mut cx = Context::from_waker(Waker::noop());
     let (tx, mut body) = channel(BUFFER);
-    let frame = askstream::sse::encode::token(" north");
+    let frame = askstream::wire::token(" north");
     let mut round = || {
         for _ in 0..BUFFER {
             assert!(tx.try_send(frame.clone()).is_ok(), "the buffer has room");

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use askstream::pipeline::{Chunk, Generator, PipelineError, Prompt, Token, TokenStream};
-use askstream::{AskService, Config};
+use askstream::{AskService, ServiceConfig};
 use futures_core::Stream;
 use serde_json::Value;
 use support::{RawConn, TestServer, fast_config, parse_sse, quota};
@@ -29,7 +29,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Long enough that nothing in a test run can be woken by it.
 const HOUR_MS: u64 = 3_600_000;
 
-fn config() -> Config {
+fn config() -> ServiceConfig {
     let mut c = fast_config();
     c.quota_limit = LIMIT as u32;
     c
@@ -37,21 +37,21 @@ fn config() -> Config {
 
 /// A server whose generator, timeouts and heartbeats all sleep for an hour: an answer in
 /// flight can only end because the server noticed the client leave.
-fn idle_config() -> Config {
+fn idle_config() -> ServiceConfig {
     let mut c = config();
-    c.sim_ttft_ms = HOUR_MS;
-    c.ttft_timeout_ms = HOUR_MS;
-    c.idle_timeout_ms = HOUR_MS;
-    c.heartbeat_secs = 3600;
+    support::sim(&mut c).ttft = Duration::from_millis(HOUR_MS);
+    c.ttft_timeout = Duration::from_millis(HOUR_MS);
+    c.idle_timeout = Duration::from_millis(HOUR_MS);
+    c.heartbeat = Duration::from_secs(3600);
     c
 }
 
 /// Same as [`idle_config`] but the sim's first token comes at once, then one per hour.
-fn first_token_then_idle_config() -> Config {
+fn first_token_then_idle_config() -> ServiceConfig {
     let mut c = idle_config();
-    c.sim_ttft_ms = 0;
-    c.sim_token_ms = HOUR_MS;
-    c.sim_tokens = 10;
+    support::sim(&mut c).ttft = Duration::from_millis(0);
+    support::sim(&mut c).token_interval = Duration::from_millis(HOUR_MS);
+    support::sim(&mut c).tokens = 10;
     c
 }
 
@@ -195,13 +195,10 @@ impl Drop for HangingStream {
 
 async fn start_hanging(tokens: &'static [&'static str]) -> (TestServer, Arc<Counters>) {
     let counters = Arc::new(Counters::default());
-    let service = AskService::builder(idle_config())
-        .generator(Arc::new(ThenHang {
-            tokens,
-            counters: counters.clone(),
-        }))
-        .build()
-        .expect("service builds");
+    let service = AskService::builder(idle_config()).generator(Arc::new(ThenHang {
+        tokens,
+        counters: counters.clone(),
+    }));
     (TestServer::start_with(service).await, counters)
 }
 
@@ -568,8 +565,8 @@ const CONCURRENCY: u64 = 8;
 /// Runs the race loop and returns (tally, quota charged by the loop).
 async fn race_loop(user: &'static str, how: Close, token_ms: u64) -> (Tally, u64) {
     let mut c = config();
-    c.sim_tokens = RACE_TOKENS;
-    c.sim_token_ms = token_ms;
+    support::sim(&mut c).tokens = RACE_TOKENS;
+    support::sim(&mut c).token_interval = Duration::from_millis(token_ms);
     let server = TestServer::start(c).await;
     let addr = server.addr;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use askstream::auth::Auth;
 use askstream::pipeline::{BoxFuture, Passage, PipelineError, Retriever};
-use askstream::{AskService, Config};
+use askstream::{AskService, ServiceConfig};
 use serde_json::{Value, json};
 use support::script::{ScriptGen, Step};
 use support::*;
@@ -158,7 +158,7 @@ async fn remaining(server: &TestServer, token: &str) -> u64 {
         .expect("remaining is a number")
 }
 
-fn config_with_limit(limit: u32) -> Config {
+fn config_with_limit(limit: u32) -> ServiceConfig {
     let mut c = fast_config();
     c.quota_limit = limit;
     c
@@ -190,11 +190,8 @@ fn scripted(query: &str) -> Vec<Step> {
     }
 }
 
-async fn scripted_server(config: Config) -> TestServer {
-    let service = AskService::builder(config)
-        .generator(Arc::new(ScriptGen(scripted)))
-        .build()
-        .expect("service builds");
+async fn scripted_server(config: ServiceConfig) -> TestServer {
+    let service = AskService::builder(config).generator(Arc::new(ScriptGen(scripted)));
     TestServer::start_with(service).await
 }
 
@@ -345,10 +342,7 @@ async fn bad_request_for_a_stream_value_other_than_true_false_1_0() {
 
 #[tokio::test]
 async fn unauthorized_without_a_known_key_and_the_key_is_never_echoed() {
-    let service = AskService::builder(fast_config())
-        .auth(Auth::parse("key1 alice 5\n").unwrap())
-        .build()
-        .unwrap();
+    let service = AskService::builder(fast_config()).auth(Auth::parse("key1 alice 5\n").unwrap());
     let server = TestServer::start_with(service).await;
 
     let secret = "sk-live-DO-NOT-ECHO-4242";
@@ -491,7 +485,7 @@ async fn payload_too_large_for_a_huge_declared_length_without_reading_the_body()
     let mut config = config_with_limit(5);
     // A server that waited for the body would be cut by this timeout (as a 400) only long
     // after the guard below has failed the test.
-    config.header_timeout_secs = 120;
+    config.header_timeout = Duration::from_secs(120);
     let server = TestServer::start(config).await;
     for (path, streaming) in [(ASK, false), (ASK_STREAM, true)] {
         let head = format!(
@@ -521,7 +515,7 @@ async fn payload_too_large_for_a_huge_declared_length_without_reading_the_body()
 async fn payload_too_large_for_a_chunked_body_checked_while_reading() {
     let mut config = config_with_limit(5);
     config.max_body_bytes = 256;
-    config.header_timeout_secs = 120;
+    config.header_timeout = Duration::from_secs(120);
     let server = TestServer::start(config).await;
     let chunked_head = |path: &str| {
         format!(
@@ -640,9 +634,7 @@ async fn quota_exceeded_with_retry_after_in_both_modes_and_nothing_deducted() {
     // Two keys of one user: `small` may use 2 asks, `big` 5, from the same count. What
     // `big` sees left shows exactly how many asks were taken, refusals included.
     let service = AskService::builder(fast_config())
-        .auth(Auth::parse("small alice 2\nbig alice 5\n").unwrap())
-        .build()
-        .unwrap();
+        .auth(Auth::parse("small alice 2\nbig alice 5\n").unwrap());
     let server = TestServer::start_with(service).await;
     let small = bearer("small");
 
@@ -692,7 +684,7 @@ async fn quota_exceeded_with_retry_after_in_both_modes_and_nothing_deducted() {
 async fn overloaded_while_max_streams_answers_are_in_flight() {
     let mut config = config_with_limit(10);
     config.max_streams = 1;
-    config.ttft_timeout_ms = 3_600_000;
+    config.ttft_timeout = Duration::from_millis(3_600_000);
     let server = scripted_server(config).await;
     let auth = bearer("busy");
 
@@ -793,10 +785,7 @@ async fn upstream_error_after_tokens_ends_the_stream_and_refunds() {
 
 #[tokio::test]
 async fn upstream_error_when_the_retriever_fails() {
-    let service = AskService::builder(config_with_limit(5))
-        .retriever(Arc::new(DownRetriever))
-        .build()
-        .unwrap();
+    let service = AskService::builder(config_with_limit(5)).retriever(Arc::new(DownRetriever));
     let server = TestServer::start_with(service).await;
     let auth = bearer("retriever");
 
@@ -818,8 +807,8 @@ async fn upstream_error_when_the_retriever_fails() {
 #[tokio::test]
 async fn upstream_timeout_without_a_first_token() {
     let mut config = config_with_limit(5);
-    config.sim_ttft_ms = 3_600_000;
-    config.ttft_timeout_ms = 50;
+    support::sim(&mut config).ttft = Duration::from_millis(3_600_000);
+    config.ttft_timeout = Duration::from_millis(50);
     let server = TestServer::start(config).await;
     let auth = bearer("ttft");
 
@@ -839,9 +828,9 @@ async fn upstream_timeout_when_the_model_goes_silent_between_tokens() {
     let mut config = config_with_limit(5);
     // Only the idle deadline can end these answers: the first-token deadline and the
     // heartbeat are an hour away, far beyond the guard below.
-    config.ttft_timeout_ms = 3_600_000;
-    config.heartbeat_secs = 3600;
-    config.idle_timeout_ms = 50;
+    config.ttft_timeout = Duration::from_millis(3_600_000);
+    config.heartbeat = Duration::from_secs(3600);
+    config.idle_timeout = Duration::from_millis(50);
     let server = scripted_server(config).await;
     let auth = bearer("idle");
     let guard = Duration::from_secs(10);

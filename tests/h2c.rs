@@ -13,9 +13,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use askstream::pipeline::bm25::Bm25Index;
-use askstream::pipeline::sim::{SimConfig, SimGenerator, answer_tokens};
+use askstream::pipeline::sim::{SimConfig, SimGenerator};
 use askstream::pipeline::{Chunk, Generator, PipelineError, Prompt, Retriever, TokenStream};
-use askstream::{AskService, Config};
+use askstream::{AskService, ServiceConfig};
 use bytes::Bytes;
 use futures_core::Stream;
 use http::{Request, Response, Version};
@@ -33,10 +33,10 @@ const TOKENS: u32 = 16;
 const WAIT: Duration = Duration::from_secs(10);
 const HOUR_MS: u64 = 3_600_000;
 
-fn config() -> Config {
+fn config() -> ServiceConfig {
     let mut c = fast_config();
     c.quota_limit = LIMIT as u32;
-    c.sim_tokens = TOKENS;
+    support::sim(&mut c).tokens = TOKENS;
     c
 }
 
@@ -104,10 +104,19 @@ async fn expected_tokens(query: &str) -> Vec<String> {
         query: query.into(),
         passages: passages.into(),
     };
-    answer_tokens(&prompt, TOKENS)
-        .iter()
-        .map(|t| t.text().to_string())
-        .collect()
+    let mut tokens = SimGenerator::new(SimConfig {
+        ttft: Duration::ZERO,
+        token_interval: Duration::ZERO,
+        tokens: TOKENS,
+    })
+    .generate(prompt);
+    let mut texts = Vec::new();
+    while let Some(chunk) = std::future::poll_fn(|cx| tokens.as_mut().poll_next(cx)).await {
+        if let Chunk::Token(t) = chunk.expect("the sim does not fail") {
+            texts.push(t.text().to_string());
+        }
+    }
+    texts
 }
 
 fn token_texts(events: &[Value]) -> Vec<String> {
@@ -277,23 +286,20 @@ async fn a_reset_stream_is_refunded_and_the_connection_lives_on() {
     let user = "h2-reset";
     let mut c = config();
     // Nothing but the reset can end the hanging answer during the test.
-    c.ttft_timeout_ms = HOUR_MS;
-    c.idle_timeout_ms = HOUR_MS;
-    c.heartbeat_secs = 3600;
+    c.ttft_timeout = Duration::from_millis(HOUR_MS);
+    c.idle_timeout = Duration::from_millis(HOUR_MS);
+    c.heartbeat = Duration::from_secs(3600);
     let started = Arc::new(AtomicUsize::new(0));
     let dropped = Arc::new(AtomicUsize::new(0));
-    let service = AskService::builder(c)
-        .generator(Arc::new(HangOrSim {
-            sim: SimGenerator::new(SimConfig {
-                ttft: Duration::ZERO,
-                token_interval: Duration::ZERO,
-                tokens: TOKENS,
-            }),
-            started: started.clone(),
-            dropped: dropped.clone(),
-        }))
-        .build()
-        .expect("service builds");
+    let service = AskService::builder(c).generator(Arc::new(HangOrSim {
+        sim: SimGenerator::new(SimConfig {
+            ttft: Duration::ZERO,
+            token_interval: Duration::ZERO,
+            tokens: TOKENS,
+        }),
+        started: started.clone(),
+        dropped: dropped.clone(),
+    }));
     let server = TestServer::start_with(service).await;
     let addr = server.addr;
 

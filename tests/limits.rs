@@ -5,6 +5,8 @@
 mod support;
 
 use serde_json::Value;
+use std::time::Duration;
+
 use support::{RawConn, TestServer, fast_config};
 
 #[tokio::test(start_paused = true)]
@@ -42,7 +44,7 @@ async fn a_connection_that_never_speaks_is_closed() {
 #[tokio::test(start_paused = true)]
 async fn a_silent_connection_is_closed_by_shutdown() {
     let mut config = fast_config();
-    config.header_timeout_secs = 3600;
+    config.header_timeout = Duration::from_secs(3600);
     let mut server = TestServer::start(config).await;
     let mut conn = RawConn::connect(server.addr).await;
     // Connections are accepted in order: once a later one is answered, the silent one

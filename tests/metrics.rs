@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::{RawConn, TestServer, ask, fast_config, stream_ask};
 
 async fn scrape(server: &TestServer) -> String {
@@ -31,7 +33,7 @@ fn sample(text: &str, series: &str) -> f64 {
 async fn outcomes_tokens_refunds_and_histograms() {
     let mut config = fast_config();
     config.quota_limit = 2;
-    config.sim_tokens = 7;
+    support::sim(&mut config).tokens = 7;
     let server = TestServer::start(config).await;
 
     // Two delivered answers: the user's whole quota.
@@ -77,7 +79,7 @@ async fn outcomes_tokens_refunds_and_histograms() {
 #[tokio::test]
 async fn a_disconnect_is_counted_with_its_detection_lag_and_refund() {
     let mut config = fast_config();
-    config.sim_ttft_ms = 3_600_000;
+    support::sim(&mut config).ttft = Duration::from_millis(3_600_000);
     let server = TestServer::start(config).await;
     let mut conn = RawConn::connect(server.addr).await;
     conn.post("/api/v1/ai/ask?stream=true", r#"{"query":"quota"}"#, "")

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use askstream::pipeline::PipelineError;
-use askstream::{AskService, Config};
+use askstream::{AskService, ServiceConfig};
 use serde_json::{Value, json};
 use support::script::{ScriptGen, Step};
 use support::*;
@@ -23,7 +23,7 @@ fn bearer(token: &str) -> String {
     format!("authorization: Bearer {token}\r\n")
 }
 
-fn config_with_limit(limit: u32) -> Config {
+fn config_with_limit(limit: u32) -> ServiceConfig {
     let mut c = fast_config();
     c.quota_limit = limit;
     c
@@ -122,7 +122,16 @@ async fn quota_endpoint_shape_and_one_ask_per_delivered_answer_in_both_modes() {
     assert!(is_rfc3339_utc_seconds(resets_at), "{resets_at}");
     // Hour windows aligned to the epoch end on the hour.
     assert!(resets_at.ends_with(":00:00Z"), "{resets_at}");
-    let boundary = |t: u64| askstream::quota::rfc3339((t / 3600 + 1) * 3600);
+    // The end of the current hour, as the system's `date` prints it: an oracle
+    // independent of the server's calendar arithmetic.
+    let boundary = |t: u64| {
+        let out = std::process::Command::new("date")
+            .args(["-u", "-d", &format!("@{}", (t / 3600 + 1) * 3600)])
+            .arg("+%Y-%m-%dT%H:%M:%SZ")
+            .output()
+            .expect("date runs");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
     assert!(
         resets_at == boundary(before) || resets_at == boundary(after),
         "{resets_at} is not the end of the current hour"
@@ -398,10 +407,7 @@ fn flaky(query: &str) -> Vec<Step> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mix_of_delivered_and_failed_asks_costs_only_the_delivered_ones() {
-    let service = AskService::builder(config_with_limit(10))
-        .generator(Arc::new(ScriptGen(flaky)))
-        .build()
-        .unwrap();
+    let service = AskService::builder(config_with_limit(10)).generator(Arc::new(ScriptGen(flaky)));
     let server = TestServer::start_with(service).await;
     let auth = bearer("mixed");
     let fail = json!({"query":"please fail"}).to_string();

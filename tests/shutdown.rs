@@ -10,9 +10,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use askstream::Config;
-use askstream::auth::UserId;
-use askstream::quota::QuotaStore;
+use askstream::ServiceConfig;
 use serde_json::{Value, json};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const QUERY: &str = "how does graceful shutdown work";
 
-fn config(f: impl FnOnce(&mut Config)) -> Config {
+fn config(f: impl FnOnce(&mut ServiceConfig)) -> ServiceConfig {
     let mut c = fast_config();
     f(&mut c);
     c
@@ -92,13 +90,7 @@ async fn finish_stream(c: &mut RawConn) -> Vec<Value> {
 /// The user's remaining quota, read from the service's own store (works after the
 /// server has stopped listening).
 async fn remaining_in_store(server: &TestServer, user: &str, limit: u32) -> u32 {
-    server
-        .service
-        .quota()
-        .status(&UserId::from_secret(user), limit)
-        .await
-        .expect("the in-memory store answers")
-        .remaining
+    server.remaining_in_store(user, limit)
 }
 
 /// Awaits the serve task; the bound is far beyond the grace period and the final flush,
@@ -154,9 +146,9 @@ async fn draining_refuses_new_connections_and_lets_live_streams_finish() {
     const TOKENS: usize = 20;
     let limit = 20;
     let mut server = TestServer::start(config(|c| {
-        c.sim_tokens = TOKENS as u32;
-        c.sim_token_ms = 100;
-        c.shutdown_grace_secs = 30;
+        support::sim(c).tokens = TOKENS as u32;
+        support::sim(c).token_interval = Duration::from_millis(100);
+        c.shutdown_grace = Duration::from_secs(30);
         c.quota_limit = limit;
     }))
     .await;
@@ -209,9 +201,9 @@ async fn answers_still_running_after_the_grace_period_end_with_shutting_down() {
     let limit = 20;
     let mut server = TestServer::start(config(|c| {
         // A model that would think for an hour.
-        c.sim_ttft_ms = 3_600_000;
-        c.ttft_timeout_ms = 7_200_000;
-        c.shutdown_grace_secs = 1;
+        support::sim(c).ttft = Duration::from_millis(3_600_000);
+        c.ttft_timeout = Duration::from_millis(7_200_000);
+        c.shutdown_grace = Duration::from_secs(1);
         c.quota_limit = limit;
     }))
     .await;
@@ -385,7 +377,7 @@ async fn racing_ask(addr: SocketAddr, user: String, tokens: usize) -> Seen {
 
 /// Runs `STREAMS` racing asks from one user, `gap` apart, then signals shutdown; returns
 /// what the clients saw and the charges kept, once `serve` has returned.
-async fn race(config: Config, gap: Duration, tokens: usize) -> (Vec<Seen>, u32) {
+async fn race(config: ServiceConfig, gap: Duration, tokens: usize) -> (Vec<Seen>, u32) {
     const STREAMS: usize = 100;
     let limit = config.quota_limit;
     let mut server = TestServer::start(config).await;
@@ -425,10 +417,10 @@ fn tally(seen: &[Seen], which: Seen) -> usize {
 async fn shutdown_racing_live_streams_keeps_exactly_the_delivered_charges() {
     const TOKENS: usize = 20;
     let config = config(|c| {
-        c.sim_ttft_ms = 200;
-        c.sim_token_ms = 100;
-        c.sim_tokens = TOKENS as u32;
-        c.shutdown_grace_secs = 1;
+        support::sim(c).ttft = Duration::from_millis(200);
+        support::sim(c).token_interval = Duration::from_millis(100);
+        support::sim(c).tokens = TOKENS as u32;
+        c.shutdown_grace = Duration::from_secs(1);
         c.quota_limit = 1000;
     });
     let (seen, kept) = race(config, Duration::from_millis(25), TOKENS).await;
@@ -449,10 +441,10 @@ async fn shutdown_racing_live_streams_keeps_exactly_the_delivered_charges() {
 async fn shutdown_racing_live_streams_on_many_threads() {
     const TOKENS: usize = 20;
     let config = config(|c| {
-        c.sim_ttft_ms = 5;
-        c.sim_token_ms = 5;
-        c.sim_tokens = TOKENS as u32;
-        c.shutdown_grace_secs = 0;
+        support::sim(c).ttft = Duration::from_millis(5);
+        support::sim(c).token_interval = Duration::from_millis(5);
+        support::sim(c).tokens = TOKENS as u32;
+        c.shutdown_grace = Duration::from_secs(0);
         c.quota_limit = 1000;
     });
     let (seen, kept) = race(config, Duration::from_millis(2), TOKENS).await;

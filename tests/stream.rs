@@ -15,7 +15,7 @@ fn body(query: &str) -> String {
 #[tokio::test]
 async fn stream_headers_events_and_done() {
     let mut config = fast_config();
-    config.sim_tokens = 12;
+    support::sim(&mut config).tokens = 12;
     let server = TestServer::start(config).await;
     let (head, raw) = ask(
         server.addr,
@@ -91,7 +91,7 @@ async fn stream_headers_events_and_done() {
 #[tokio::test]
 async fn json_answer_equals_the_streamed_tokens() {
     let mut config = fast_config();
-    config.sim_tokens = 40;
+    support::sim(&mut config).tokens = 40;
     let server = TestServer::start(config).await;
     let q = body("How do I put askstream behind nginx?");
     let (_, raw) = ask(server.addr, ASK_STREAM, &q, "").await;
@@ -132,7 +132,7 @@ async fn answers_are_deterministic_and_tokens_keep_their_order() {
 #[tokio::test]
 async fn multibyte_text_survives() {
     let mut config = fast_config();
-    config.sim_tokens = 200;
+    support::sim(&mut config).tokens = 200;
     let server = TestServer::start(config).await;
     let (_, raw) = ask(
         server.addr,

@@ -16,10 +16,8 @@ mod support;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use askstream::auth::UserId;
 use askstream::pipeline::{BoxFuture, Passage, PipelineError, Retriever};
-use askstream::quota::QuotaStore;
-use askstream::{AskService, Config};
+use askstream::{AskService, ServiceConfig};
 use serde_json::{Value, json};
 use support::script::{ScriptGen, Step};
 use support::*;
@@ -193,7 +191,7 @@ async fn small_window_conn(addr: std::net::SocketAddr) -> RawConn {
     RawConn::from_stream(socket.connect(addr).await.unwrap())
 }
 
-fn config(f: impl FnOnce(&mut Config)) -> Config {
+fn config(f: impl FnOnce(&mut ServiceConfig)) -> ServiceConfig {
     let mut c = fast_config();
     f(&mut c);
     c
@@ -211,11 +209,11 @@ const QUERY: &str = "how are quotas refunded";
 #[tokio::test(start_paused = true)]
 async fn heartbeats_fill_a_slow_first_token_then_stop() {
     let server = TestServer::start(config(|c| {
-        c.sim_ttft_ms = 60_000;
-        c.sim_token_ms = 20;
-        c.sim_tokens = 8;
-        c.heartbeat_secs = 15;
-        c.ttft_timeout_ms = 120_000;
+        support::sim(c).ttft = Duration::from_millis(60_000);
+        support::sim(c).token_interval = Duration::from_millis(20);
+        support::sim(c).tokens = 8;
+        c.heartbeat = Duration::from_secs(15);
+        c.ttft_timeout = Duration::from_millis(120_000);
     }))
     .await;
 
@@ -247,11 +245,11 @@ async fn heartbeats_fill_a_slow_first_token_then_stop() {
 #[tokio::test(start_paused = true)]
 async fn no_heartbeat_when_tokens_come_every_10s() {
     let server = TestServer::start(config(|c| {
-        c.sim_ttft_ms = 0;
-        c.sim_token_ms = 10_000;
-        c.sim_tokens = 6;
-        c.heartbeat_secs = 15;
-        c.idle_timeout_ms = 600_000;
+        support::sim(c).ttft = Duration::from_millis(0);
+        support::sim(c).token_interval = Duration::from_millis(10_000);
+        support::sim(c).tokens = 6;
+        c.heartbeat = Duration::from_secs(15);
+        c.idle_timeout = Duration::from_millis(600_000);
     }))
     .await;
     let frames = stream_frames(server.addr, "hb-10s", QUERY).await;
@@ -263,11 +261,11 @@ async fn no_heartbeat_when_tokens_come_every_10s() {
 #[tokio::test(start_paused = true)]
 async fn one_heartbeat_in_each_20s_gap_between_tokens() {
     let server = TestServer::start(config(|c| {
-        c.sim_ttft_ms = 0;
-        c.sim_token_ms = 20_000;
-        c.sim_tokens = 4;
-        c.heartbeat_secs = 15;
-        c.idle_timeout_ms = 600_000;
+        support::sim(c).ttft = Duration::from_millis(0);
+        support::sim(c).token_interval = Duration::from_millis(20_000);
+        support::sim(c).tokens = 4;
+        c.heartbeat = Duration::from_secs(15);
+        c.idle_timeout = Duration::from_millis(600_000);
     }))
     .await;
     let frames = stream_frames(server.addr, "hb-20s", QUERY).await;
@@ -287,9 +285,9 @@ async fn one_heartbeat_in_each_20s_gap_between_tokens() {
 #[tokio::test(start_paused = true)]
 async fn first_token_timeout_ends_the_answer_and_refunds() {
     let server = TestServer::start(config(|c| {
-        c.sim_ttft_ms = 60_000;
-        c.ttft_timeout_ms = 30_000;
-        c.heartbeat_secs = 15;
+        support::sim(c).ttft = Duration::from_millis(60_000);
+        c.ttft_timeout = Duration::from_millis(30_000);
+        c.heartbeat = Duration::from_secs(15);
     }))
     .await;
     let user = "ttft-timeout";
@@ -324,11 +322,11 @@ async fn first_token_timeout_ends_the_answer_and_refunds() {
 #[tokio::test(start_paused = true)]
 async fn idle_timeout_after_the_first_token_ends_the_answer_and_refunds() {
     let server = TestServer::start(config(|c| {
-        c.sim_ttft_ms = 0;
-        c.sim_token_ms = 60_000;
-        c.sim_tokens = 4;
-        c.idle_timeout_ms = 30_000;
-        c.heartbeat_secs = 15;
+        support::sim(c).ttft = Duration::from_millis(0);
+        support::sim(c).token_interval = Duration::from_millis(60_000);
+        support::sim(c).tokens = 4;
+        c.idle_timeout = Duration::from_millis(30_000);
+        c.heartbeat = Duration::from_secs(15);
     }))
     .await;
     let user = "idle-timeout";
@@ -367,13 +365,13 @@ async fn idle_timeout_after_the_first_token_ends_the_answer_and_refunds() {
 async fn a_client_that_stops_reading_gets_slow_client_and_a_refund() {
     const TOKENS: u32 = 200_000;
     let server = TestServer::start(config(|c| {
-        c.sim_ttft_ms = 0;
-        c.sim_token_ms = 0;
+        support::sim(c).ttft = Duration::from_millis(0);
+        support::sim(c).token_interval = Duration::from_millis(0);
         // About 8 MB of events: more than the client's 4 KB window, the server's send
         // buffer (at most 4 MB here), hyper's write queue and the channel together, so
         // the producer must end up waiting on a full channel.
-        c.sim_tokens = TOKENS;
-        c.slow_client_secs = 30;
+        support::sim(c).tokens = TOKENS;
+        c.slow_client = Duration::from_secs(30);
         c.stream_buffer = 64;
     }))
     .await;
@@ -459,13 +457,13 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
 async fn a_steady_slow_reader_gets_every_token_in_order() {
     const TOKENS: usize = 100_000;
     let server = TestServer::start(config(|c| {
-        c.sim_ttft_ms = 0;
-        c.sim_token_ms = 0;
+        support::sim(c).ttft = Duration::from_millis(0);
+        support::sim(c).token_interval = Duration::from_millis(0);
         // About 4.5 MB on the wire: more than the kernel can buffer for one connection
         // here, so the producer must wait on a full channel again and again.
-        c.sim_tokens = TOKENS as u32;
-        c.slow_client_secs = 30;
-        c.heartbeat_secs = 3600;
+        support::sim(c).tokens = TOKENS as u32;
+        c.slow_client = Duration::from_secs(30);
+        c.heartbeat = Duration::from_secs(3600);
     }))
     .await;
     let user = "steady-reader";
@@ -536,12 +534,10 @@ impl Retriever for SlowRetriever {
 #[tokio::test(start_paused = true)]
 async fn heartbeats_fill_a_slow_retrieval() {
     let service = AskService::builder(config(|c| {
-        c.heartbeat_secs = 15;
-        c.ttft_timeout_ms = 120_000;
+        c.heartbeat = Duration::from_secs(15);
+        c.ttft_timeout = Duration::from_millis(120_000);
     }))
-    .retriever(Arc::new(SlowRetriever))
-    .build()
-    .expect("service builds");
+    .retriever(Arc::new(SlowRetriever));
     let server = TestServer::start_with(service).await;
     let frames = stream_frames(server.addr, "slow-retrieval", QUERY).await;
     assert_eq!(
@@ -572,14 +568,12 @@ fn stall_then_pause(_: &str) -> Vec<Step> {
 #[tokio::test(start_paused = true)]
 async fn a_client_stall_is_not_counted_as_the_model_being_silent() {
     let service = AskService::builder(config(|c| {
-        c.idle_timeout_ms = 2000;
-        c.slow_client_secs = 30;
-        c.heartbeat_secs = 3600;
+        c.idle_timeout = Duration::from_millis(2000);
+        c.slow_client = Duration::from_secs(30);
+        c.heartbeat = Duration::from_secs(3600);
         c.stream_buffer = 1;
     }))
-    .generator(Arc::new(ScriptGen(stall_then_pause)))
-    .build()
-    .expect("service builds");
+    .generator(Arc::new(ScriptGen(stall_then_pause)));
     let server = TestServer::start_with(service).await;
     let mut c = small_window_conn(server.addr).await;
     start_stream(&mut c, "stalling-reader", QUERY).await;
@@ -596,14 +590,12 @@ async fn a_client_stall_is_not_counted_as_the_model_being_silent() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_ends_an_answer_waiting_for_room() {
     let service = AskService::builder(config(|c| {
-        c.shutdown_grace_secs = 1;
-        c.slow_client_secs = 3600;
-        c.heartbeat_secs = 3600;
+        c.shutdown_grace = Duration::from_secs(1);
+        c.slow_client = Duration::from_secs(3600);
+        c.heartbeat = Duration::from_secs(3600);
         c.stream_buffer = 1;
     }))
-    .generator(Arc::new(ScriptGen(stall_then_pause)))
-    .build()
-    .expect("service builds");
+    .generator(Arc::new(ScriptGen(stall_then_pause)));
     let mut server = TestServer::start_with(service).await;
     let user = "waiting-at-shutdown";
     let before = remaining(server.addr, user).await;
@@ -618,13 +610,7 @@ async fn shutdown_ends_an_answer_waiting_for_room() {
     assert!(complete, "the chunked body ends with its last chunk");
     assert_error_object(last_data(&frames(&body)), "SHUTTING_DOWN");
     let limit = server.service.config().quota_limit;
-    let after = server
-        .service
-        .quota()
-        .status(&UserId::from_secret(user), limit)
-        .await
-        .expect("the in-memory store answers")
-        .remaining;
+    let after = server.remaining_in_store(user, limit);
     assert_eq!(u64::from(after), before, "refunded");
 }
 
@@ -633,9 +619,9 @@ async fn shutdown_ends_an_answer_waiting_for_room() {
 #[tokio::test(start_paused = true)]
 async fn absurdly_long_deadlines_mean_never() {
     let server = TestServer::start(config(|c| {
-        c.heartbeat_secs = u64::MAX;
-        c.ttft_timeout_ms = u64::MAX;
-        c.idle_timeout_ms = u64::MAX;
+        c.heartbeat = Duration::from_secs(u64::MAX);
+        c.ttft_timeout = Duration::from_millis(u64::MAX);
+        c.idle_timeout = Duration::from_millis(u64::MAX);
     }))
     .await;
     let frames = stream_frames(server.addr, "far-deadlines", QUERY).await;

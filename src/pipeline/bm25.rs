@@ -24,7 +24,8 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 
-use super::corpus::{self, Document};
+use super::corpus;
+pub use super::corpus::Document;
 use super::{BoxFuture, Passage, PipelineError, Retriever};
 
 /// BM25 term-frequency saturation.
@@ -118,16 +119,21 @@ impl Bm25Index {
         }
     }
 
-    /// The index over the built-in corpus ([`corpus::builtin`]).
+    /// The index over the built-in corpus: eight short documents about askstream itself,
+    /// embedded in the binary, so a fresh server answers with zero setup.
     pub fn builtin() -> Self {
         Self::new(corpus::builtin())
     }
 
-    /// The index over the `.md`/`.txt` files under `dir` (see [`corpus::load_dir`]).
+    /// The index over the `.md`/`.txt` files under `dir`, subfolders included; a file's id
+    /// is its path relative to `dir`. Files over 4 MiB are skipped and invalid UTF-8 is
+    /// replaced, each with a warning, rather than failing the whole load.
     ///
     /// # Errors
-    /// Those of [`corpus::load_dir`], and [`io::ErrorKind::InvalidData`] when the files
-    /// hold no text at all.
+    /// Any I/O error reading the folder or a file (the message names the path);
+    /// [`io::ErrorKind::NotFound`] when no usable file exists, so a typo in the folder
+    /// stops the server instead of starting one that knows nothing; and
+    /// [`io::ErrorKind::InvalidData`] when the files hold no text at all.
     pub fn from_dir(dir: &Path) -> io::Result<Self> {
         let index = Self::new(corpus::load_dir(dir)?);
         if index.passages() == 0 {
@@ -197,7 +203,7 @@ impl Bm25Index {
     }
 
     /// How many passages the index holds.
-    pub fn passages(&self) -> usize {
+    fn passages(&self) -> usize {
         self.passages.len()
     }
 }

@@ -15,12 +15,12 @@ use std::sync::Arc;
 
 /// Files larger than this are skipped by [`load_dir`]: a corpus is prose, and one stray
 /// log dump or data file should not balloon the index held in memory.
-pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// One source document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Document {
-    /// Stable identifier: the file name (for [`load_dir`], the path relative to the folder,
+    /// Stable identifier: the file name (for a folder, the path relative to the folder,
     /// with `/` separators), e.g. `quota.md`. Passage ids are built from it.
     pub id: Arc<str>,
     /// Human title, shown in `done.sources`.
@@ -129,7 +129,7 @@ fn file_stem(id: &str) -> &str {
 }
 
 /// The built-in corpus: the server's user guide, compiled in. Always in the same order.
-pub fn builtin() -> Vec<Document> {
+pub(crate) fn builtin() -> Vec<Document> {
     const FILES: [(&str, &str); 8] = [
         ("overview.md", include_str!("corpus/overview.md")),
         ("quick-start.md", include_str!("corpus/quick-start.md")),
@@ -163,7 +163,7 @@ pub fn builtin() -> Vec<Document> {
 /// Any I/O error reading the folder or a file (the message names the path), and
 /// [`io::ErrorKind::NotFound`] when no usable file exists, so a typo in `--docs` stops the
 /// server instead of starting one that knows nothing.
-pub fn load_dir(dir: &Path) -> io::Result<Vec<Document>> {
+pub(crate) fn load_dir(dir: &Path) -> io::Result<Vec<Document>> {
     let mut files = Vec::new();
     collect(dir, &mut files)?;
     files.sort();

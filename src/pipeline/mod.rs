@@ -36,7 +36,7 @@
 //! }
 //!
 //! // Mount it: the built-in retriever, your generator.
-//! let service = askstream::AskService::builder(askstream::Config::default())
+//! let service = askstream::AskService::builder(askstream::ServiceConfig::default())
 //!     .generator(Arc::new(Canned))
 //!     .build()
 //!     .unwrap();
@@ -51,10 +51,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
 
-use crate::sse::encode;
+use crate::wire;
 
 pub mod bm25;
-pub mod corpus;
+mod corpus;
 pub mod openai;
 pub mod sim;
 
@@ -140,7 +140,7 @@ impl Token {
     pub fn new(text: &str) -> Self {
         Token {
             text: Bytes::copy_from_slice(text.as_bytes()),
-            frame: encode::token(text),
+            frame: wire::token(text),
         }
     }
 
@@ -159,7 +159,7 @@ impl Token {
         let mut ends = Vec::with_capacity(count);
         for t in texts.clone() {
             text_buf.extend_from_slice(t.as_bytes());
-            encode::token_into(&mut frame_buf, t);
+            wire::token_into(&mut frame_buf, t);
             ends.push((text_buf.len(), frame_buf.len()));
         }
         let text_all = text_buf.freeze();

@@ -3,7 +3,7 @@
 //! It answers with the words of the retrieved passages, in rank order, with Markdown
 //! syntax stripped, so answers are on topic and the same query over the same corpus always
 //! streams the same tokens. Each passage's words are cut out and encoded as token frames
-//! once, the first time the passage is seen, and kept by the generator ([`WordCache`]);
+//! once, the first time the passage is seen, and kept by the generator;
 //! an answer is then a cursor over the passages' shared lists, and yielding a token clones
 //! two `Bytes` handles. Nothing is encoded or allocated per token, and next to nothing
 //! per answer, so what a load test measures is the server, not its stand-in model.
@@ -25,6 +25,7 @@ use futures_core::Stream;
 use tokio::time::{Instant, Sleep};
 
 use super::{Chunk, Generator, PipelineError, Prompt, Token, TokenStream, Usage};
+use crate::clock::later;
 
 /// What the answer says when no passage was retrieved (repeated as needed).
 const FALLBACK: &str = "I found nothing in the corpus about that question.";
@@ -286,7 +287,8 @@ impl AnswerWords {
 ///
 /// This is what [`SimGenerator`] streams; it keeps each passage's tokens for the next
 /// answer, which this function does not.
-pub fn answer_tokens(prompt: &Prompt, n: u32) -> Vec<Token> {
+#[cfg(test)]
+fn answer_tokens(prompt: &Prompt, n: u32) -> Vec<Token> {
     let mut words = Arc::new(WordCache::default()).answer(prompt, n as usize);
     (0..n).map(|_| words.next_token()).collect()
 }
@@ -406,12 +408,6 @@ fn strip_list_marker(line: &str) -> &str {
         }
     }
     line
-}
-
-/// `t + d`, saturating to about 30 years ahead instead of panicking on absurd settings.
-pub(crate) fn later(t: Instant, d: Duration) -> Instant {
-    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
-    t.checked_add(d).unwrap_or_else(|| t + FAR)
 }
 
 /// The stream of one simulated answer: `left` tokens, then one usage chunk.

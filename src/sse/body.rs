@@ -23,20 +23,20 @@
 //! Memory is bounded by the channel capacity, whatever the client does.
 //!
 //! ```
-//! use askstream::sse::body::{Delivery, channel};
-//! use askstream::sse::encode;
+//! use askstream::sse::body::channel;
+//! use askstream::wire;
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let (tx, body) = channel(64);
 //! // The producer: tokens, then the frame that completes the answer.
 //! let producer = tokio::spawn(async move {
-//!     tx.send(encode::token("Hello")).await?;
-//!     tx.send_last(encode::data(&serde_json::json!({"type": "done"}))).await?;
-//!     Ok::<_, askstream::sse::body::Disconnected>(tx.delivered().await)
+//!     tx.send(wire::token("Hello")).await?;
+//!     tx.send_last(wire::data(&serde_json::json!({"type": "done"}))).await?;
+//!     tx.delivered().await
 //! });
 //! // hyper would poll `body` as a response body; here we read it ourselves.
 //! let bytes = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
 //! assert!(bytes.starts_with(b"data: {\"type\":\"token\",\"token\":\"Hello\"}\n\n"));
-//! assert_eq!(producer.await.unwrap(), Ok(Delivery::Delivered));
+//! assert_eq!(producer.await.unwrap(), Ok(())); // the last frame reached hyper
 //! # }
 //! ```
 
@@ -261,15 +261,6 @@ pub enum TrySendError {
     Disconnected,
 }
 
-/// How a stream's last frame fared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Delivery {
-    /// The body yielded the last frame to hyper.
-    Delivered,
-    /// The body was dropped (or the stream aborted) before yielding it.
-    NotDelivered,
-}
-
 impl SseSender {
     /// Queues a frame if there is room now; never waits. After the last frame has been
     /// queued, the stream takes nothing more: [`TrySendError::Disconnected`].
@@ -348,40 +339,39 @@ impl SseSender {
     }
 
     /// Whether the body is already gone.
-    pub fn is_closed(&self) -> bool {
+    fn is_closed(&self) -> bool {
         lock(&self.shared).body_gone
     }
 
-    /// Waits until the last frame is yielded to hyper or the body is dropped, and says
-    /// which. Call after [`send_last`](Self::send_last).
-    pub async fn delivered(&self) -> Delivery {
+    /// Waits until the last frame is yielded to hyper (`Ok`) or the body is gone without
+    /// yielding it (`Err`). Call after [`send_last`](Self::send_last).
+    pub async fn delivered(&self) -> Result<(), Disconnected> {
         self.closed().await;
         match lock(&self.shared).state {
-            State::Delivered => Delivery::Delivered,
-            State::Open | State::Aborted => Delivery::NotDelivered,
+            State::Delivered => Ok(()),
+            State::Open | State::Aborted => Err(Disconnected),
         }
     }
 
     /// Queues the last frame and waits for the outcome: [`send_last`](Self::send_last)
     /// then [`delivered`](Self::delivered). Borrows, so a caller that gives up waiting
     /// can still [`abort`](Self::abort).
-    pub async fn finish(&self, frame: Bytes) -> Delivery {
-        if self.send_last(frame).await.is_err() {
-            return Delivery::NotDelivered;
-        }
+    pub async fn finish(&self, frame: Bytes) -> Result<(), Disconnected> {
+        self.send_last(frame).await?;
         self.delivered().await
     }
 
     /// Ends the stream now: frames the body has not yielded yet are dropped and `frame`
     /// is the last thing the client gets (when it reads again).
     ///
-    /// Returns [`Delivery::Delivered`] if the body had already yielded the last frame, in
-    /// which case nothing changes: a delivered answer cannot be taken back.
-    pub fn abort(self, frame: Bytes) -> Delivery {
+    /// Returns whether the body had already yielded the last frame, in which case
+    /// nothing changes: a delivered answer cannot be taken back.
+    #[must_use = "an abort can lose to a delivery that already happened"]
+    pub fn abort(self, frame: Bytes) -> bool {
         let mut chan = lock(&self.shared);
         match chan.state {
-            State::Delivered => return Delivery::Delivered,
-            State::Aborted => return Delivery::NotDelivered,
+            State::Delivered => return true,
+            State::Aborted => return false,
             State::Open => {}
         }
         chan.state = State::Aborted;
@@ -392,17 +382,11 @@ impl SseSender {
         if let Some(w) = wake {
             w.wake();
         }
-        Delivery::NotDelivered
-    }
-
-    /// Frames that can be queued right now without waiting.
-    pub fn capacity(&self) -> usize {
-        let chan = lock(&self.shared);
-        chan.capacity - chan.queue.len()
+        false
     }
 
     /// A handle that reports the body's timestamps after the sender is gone.
-    pub fn probe(&self) -> Probe {
+    pub(crate) fn probe(&self) -> Probe {
         Probe {
             shared: self.shared.clone(),
         }
@@ -423,18 +407,18 @@ impl Drop for SseSender {
 
 /// Timestamps of one body, readable by the producer at any time (for metrics).
 #[derive(Clone)]
-pub struct Probe {
+pub(crate) struct Probe {
     shared: Shared,
 }
 
 impl Probe {
     /// When the body yielded its first event (not a heartbeat comment) to hyper, if it has.
-    pub fn first_frame_at(&self) -> Option<Instant> {
+    pub(crate) fn first_frame_at(&self) -> Option<Instant> {
         lock(&self.shared).first_yield
     }
 
     /// When hyper dropped the body before it ended (the client left), if it did.
-    pub fn dropped_at(&self) -> Option<Instant> {
+    pub(crate) fn dropped_at(&self) -> Option<Instant> {
         lock(&self.shared).dropped
     }
 }
@@ -479,7 +463,7 @@ mod tests {
             body.is_end_stream(),
             "hyper can end the response with the last frame"
         );
-        assert_eq!(tx.delivered().await, Delivery::Delivered);
+        assert_eq!(tx.delivered().await, Ok(()));
         assert!(next(&mut body).await.is_none());
     }
 
@@ -488,7 +472,7 @@ mod tests {
         let (tx, body) = channel(4);
         tx.send_last(Bytes::from_static(b"done")).await.unwrap();
         drop(body);
-        assert_eq!(tx.delivered().await, Delivery::NotDelivered);
+        assert_eq!(tx.delivered().await, Err(Disconnected));
     }
 
     #[tokio::test]
@@ -520,7 +504,7 @@ mod tests {
     async fn a_heartbeat_is_not_the_first_event() {
         let (tx, mut body) = channel(4);
         let probe = tx.probe();
-        tx.send(crate::sse::encode::KEEP_ALIVE).await.unwrap();
+        tx.send(crate::wire::KEEP_ALIVE).await.unwrap();
         next(&mut body).await.unwrap();
         assert_eq!(probe.first_frame_at(), None, "a comment is not an event");
         tx.send(Bytes::from_static(b"data: {}\n\n")).await.unwrap();
@@ -614,7 +598,14 @@ mod tests {
         for i in 0..40u8 {
             assert_eq!(next(&mut body).await.unwrap(), vec![i]);
         }
-        assert_eq!(tx.capacity(), 40);
+        // Drained: room for the whole capacity again, and not one frame more.
+        for i in 0..40u8 {
+            tx.try_send(Bytes::from(vec![i])).unwrap();
+        }
+        assert!(matches!(
+            tx.try_send(Bytes::new()),
+            Err(TrySendError::Full(_))
+        ));
     }
 
     #[tokio::test]
@@ -624,7 +615,7 @@ mod tests {
         assert_eq!(next(&mut body).await.unwrap(), "a");
         tx.send(Bytes::from_static(b"b")).await.unwrap();
         tx.send(Bytes::from_static(b"c")).await.unwrap();
-        assert_eq!(tx.abort(Bytes::from_static(b"err")), Delivery::NotDelivered);
+        assert!(!tx.abort(Bytes::from_static(b"err")));
         assert_eq!(next(&mut body).await.unwrap(), "err");
         assert!(body.is_end_stream());
         assert!(next(&mut body).await.is_none());
@@ -636,7 +627,7 @@ mod tests {
         let reader = tokio::spawn(async move { next(&mut body).await });
         tokio::task::yield_now().await;
         assert!(!reader.is_finished(), "nothing to read yet");
-        tx.abort(Bytes::from_static(b"err"));
+        assert!(!tx.abort(Bytes::from_static(b"err")));
         assert_eq!(woken(reader).await.unwrap(), "err");
     }
 
@@ -645,7 +636,7 @@ mod tests {
         let (tx, mut body) = channel(2);
         tx.send_last(Bytes::from_static(b"done")).await.unwrap();
         assert_eq!(next(&mut body).await.unwrap(), "done");
-        assert_eq!(tx.abort(Bytes::from_static(b"err")), Delivery::Delivered);
+        assert!(tx.abort(Bytes::from_static(b"err")));
         assert!(next(&mut body).await.is_none());
     }
 
@@ -653,7 +644,7 @@ mod tests {
     async fn abort_before_the_last_frame_is_yielded_wins() {
         let (tx, mut body) = channel(2);
         tx.send_last(Bytes::from_static(b"done")).await.unwrap();
-        assert_eq!(tx.abort(Bytes::from_static(b"err")), Delivery::NotDelivered);
+        assert!(!tx.abort(Bytes::from_static(b"err")));
         assert_eq!(next(&mut body).await.unwrap(), "err");
         assert!(next(&mut body).await.is_none());
     }
@@ -683,11 +674,8 @@ mod tests {
                 let reader = tokio::spawn(async move { next(&mut body).await });
                 let aborter = tokio::spawn(async move { tx.abort(Bytes::from_static(b"err")) });
                 let got = reader.await.unwrap().unwrap();
-                let outcome = aborter.await.unwrap();
-                match outcome {
-                    Delivery::Delivered => assert_eq!(got, "done"),
-                    Delivery::NotDelivered => assert_eq!(got, "err"),
-                }
+                let already_delivered = aborter.await.unwrap();
+                assert_eq!(got, if already_delivered { "done" } else { "err" });
             }
         });
     }

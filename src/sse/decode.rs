@@ -1,4 +1,4 @@
-//! Incremental Server-Sent Events decoder: the client side of [`super::encode`].
+//! Incremental Server-Sent Events decoder: the client side of [`crate::wire`].
 //!
 //! The project's load tool reads thousands of streams at once and timestamps the first
 //! `token` event of each, and the integration tests read what the real server sends. Both
@@ -261,11 +261,6 @@ impl Decoder {
     /// block that dispatched no event (and so appears on no [`Event`]).
     pub fn reconnection_time(&self) -> Option<u64> {
         self.reconnection_time
-    }
-
-    /// The line limit in bytes.
-    pub fn max_line(&self) -> usize {
-        self.max_line
     }
 
     /// Drops the consumed prefix when doing so is cheap: at once when everything was

@@ -17,23 +17,23 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
 /// The page.
-pub const PAGE_PATH: &str = "/";
+pub(crate) const PAGE_PATH: &str = "/";
 /// The page's script: the form, rendering, the Stop button.
-pub const APP_PATH: &str = "/app.js";
+pub(crate) const APP_PATH: &str = "/app.js";
 /// The reusable client module: `ask()`, `getQuota()` and an incremental event parser.
-pub const CLIENT_PATH: &str = "/client.js";
+pub(crate) const CLIENT_PATH: &str = "/client.js";
 /// The page's style sheet (a file, because the CSP forbids inline styles).
-pub const STYLE_PATH: &str = "/style.css";
+pub(crate) const STYLE_PATH: &str = "/style.css";
 
 /// The page's content security policy: everything from its own origin, nothing inline,
 /// nothing framed, no `<base>` rewriting, no form posting elsewhere.
-pub const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; \
+pub(crate) const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; \
     style-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
     frame-ancestors 'none'";
 
 /// One embedded file and how it is served.
 #[derive(Clone, Copy, Debug)]
-pub struct Asset {
+pub(crate) struct Asset {
     /// The path it is served at.
     pub path: &'static str,
     /// Its `content-type`.
@@ -45,7 +45,7 @@ pub struct Asset {
 }
 
 /// Every file of the demo page.
-pub const ASSETS: [Asset; 4] = [
+pub(crate) const ASSETS: [Asset; 4] = [
     Asset {
         path: PAGE_PATH,
         content_type: "text/html; charset=utf-8",
@@ -73,14 +73,14 @@ pub const ASSETS: [Asset; 4] = [
 ];
 
 /// The file served at `path`, if any.
-pub fn asset(path: &str) -> Option<&'static Asset> {
+pub(crate) fn asset(path: &str) -> Option<&'static Asset> {
     ASSETS.iter().find(|a| a.path == path)
 }
 
 impl Asset {
     /// A 200 response with the file and its headers. The body is the same for `HEAD`:
     /// hyper sends the headers (with the `content-length`) and leaves the body out.
-    pub fn response(&self) -> Response<Bytes> {
+    pub(crate) fn response(&self) -> Response<Bytes> {
         let mut res = Response::new(Bytes::from_static(self.body));
         *res.status_mut() = StatusCode::OK;
         let h = res.headers_mut();

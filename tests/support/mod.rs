@@ -1,14 +1,19 @@
 //! Test support: the real server on port 0, a raw-socket HTTP/1.1 client, and a tiny SSE
 //! parser written independently of the crate's decoder (so a decoder bug cannot hide a
 //! server bug).
-#![allow(dead_code)]
+// Each test binary uses some of these helpers, and `pub` here means "for the test files".
+#![allow(dead_code, unreachable_pub)]
 
 pub mod script;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use askstream::{AskService, Config};
+use std::sync::Arc;
+
+use askstream::pipeline::sim::SimConfig;
+use askstream::quota::QuotaMap;
+use askstream::{AskService, Builder, GeneratorConfig, ServiceConfig};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,14 +21,23 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// A config for tests: instant sim, small and fast everything.
-pub fn fast_config() -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        sim_ttft_ms: 0,
-        sim_token_ms: 0,
-        sim_tokens: 8,
-        shutdown_grace_secs: 5,
-        ..Config::default()
+pub fn fast_config() -> ServiceConfig {
+    ServiceConfig {
+        generator: GeneratorConfig::Sim(SimConfig {
+            ttft: Duration::ZERO,
+            token_interval: Duration::ZERO,
+            tokens: 8,
+        }),
+        shutdown_grace: Duration::from_secs(5),
+        ..ServiceConfig::default()
+    }
+}
+
+/// The sim settings of a config built on [`fast_config`], to change pacing or length.
+pub fn sim(config: &mut ServiceConfig) -> &mut SimConfig {
+    match &mut config.generator {
+        GeneratorConfig::Sim(sim) => sim,
+        other => panic!("not a sim config: {other:?}"),
     }
 }
 
@@ -31,17 +45,25 @@ pub fn fast_config() -> Config {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub service: AskService,
+    /// The service's quota store, readable after the server stopped listening.
+    pub quota: Arc<QuotaMap>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
 
 impl TestServer {
-    pub async fn start(config: Config) -> TestServer {
-        let service = AskService::builder(config).build().expect("service builds");
-        Self::start_with(service).await
+    pub async fn start(config: ServiceConfig) -> TestServer {
+        Self::start_with(AskService::builder(config)).await
     }
 
-    pub async fn start_with(service: AskService) -> TestServer {
+    /// Builds the service from `builder`, with a quota map the test can read, and
+    /// serves it on 127.0.0.1:0.
+    pub async fn start_with(builder: Builder) -> TestServer {
+        let quota = Arc::new(QuotaMap::new(builder.config().quota_window));
+        let service = builder
+            .quota(quota.clone())
+            .build()
+            .expect("service builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -55,9 +77,19 @@ impl TestServer {
         TestServer {
             addr,
             service,
+            quota,
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// `user`'s remaining quota in the server's store.
+    pub fn remaining_in_store(&self, user: &str, limit: u32) -> u32 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        self.quota.status_at(user, limit, now).remaining
     }
 
     /// Sends the shutdown signal and returns the serve task, to await its end.

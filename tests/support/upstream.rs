@@ -6,7 +6,7 @@
 //! the script says so (`Part::Cut`, or the body's end with keep-alive), and a hanging
 //! reply waits forever; so when a test sees a connection close, only the other side
 //! (askstream cancelling its request) can have closed it. No timing is involved.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

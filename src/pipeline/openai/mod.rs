@@ -65,7 +65,7 @@
 //! use std::sync::Arc;
 //!
 //! use askstream::pipeline::openai::{ApiKey, OpenAiConfig, OpenAiGenerator, PromptTemplate};
-//! use askstream::{AskService, Config};
+//! use askstream::{AskService, ServiceConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = OpenAiConfig::new("http://127.0.0.1:8000/v1", "Qwen/Qwen2.5-7B-Instruct")
@@ -73,7 +73,7 @@
 //! let generator = OpenAiGenerator::new(config)?.with_template(
 //!     PromptTemplate::default().with_instructions("Answer in one short paragraph, citing [n]."),
 //! );
-//! let service = AskService::builder(Config::default())
+//! let service = AskService::builder(ServiceConfig::default())
 //!     .generator(Arc::new(generator))
 //!     .build()?;
 //! # drop(service);
@@ -93,7 +93,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::Config;
 use crate::pipeline::{Generator, PipelineError, Prompt, TokenStream};
 
 mod prompt;
@@ -198,28 +197,6 @@ impl OpenAiConfig {
         self.api_key = Some(key);
         self
     }
-
-    /// From the server's flags: `--upstream-url`, `--upstream-model` and, when given,
-    /// the key in the variable named by `--upstream-api-key-env`.
-    ///
-    /// # Errors
-    /// A missing URL or model, or a missing key variable.
-    pub fn from_flags(config: &Config) -> Result<Self, ConfigError> {
-        fn given(v: &Option<String>) -> Option<&str> {
-            v.as_deref().map(str::trim).filter(|s| !s.is_empty())
-        }
-        let base_url = given(&config.upstream_url).ok_or(ConfigError::MissingUrl)?;
-        let model = given(&config.upstream_model).ok_or(ConfigError::MissingModel)?;
-        let api_key = match given(&config.upstream_api_key_env) {
-            Some(var) => Some(ApiKey::from_env(var)?),
-            None => None,
-        };
-        Ok(OpenAiConfig {
-            base_url: base_url.to_owned(),
-            model: model.to_owned(),
-            api_key,
-        })
-    }
 }
 
 /// Why an [`OpenAiGenerator`] could not be configured. Messages name flags and variables,
@@ -227,10 +204,6 @@ impl OpenAiConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// `--generator openai` without `--upstream-url`.
-    MissingUrl,
-    /// `--generator openai` without `--upstream-model`.
-    MissingModel,
     /// The URL cannot be used.
     BadUrl {
         /// The URL as given.
@@ -262,14 +235,6 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::MissingUrl => f.write_str(
-                "--generator openai needs --upstream-url (or ASKSTREAM_UPSTREAM_URL), \
-                 the API base such as http://127.0.0.1:8000/v1",
-            ),
-            ConfigError::MissingModel => f.write_str(
-                "--generator openai needs --upstream-model (or ASKSTREAM_UPSTREAM_MODEL), \
-                 the name of the model the upstream serves",
-            ),
             ConfigError::EmptyModel => f.write_str("the upstream model name is empty"),
             ConfigError::BadUrl { url, reason } => {
                 write!(f, "--upstream-url `{url}` {reason}")
@@ -346,14 +311,6 @@ impl OpenAiGenerator {
             secret: config.api_key.map(|k| k.secret),
             template: Arc::new(PromptTemplate::default()),
         })
-    }
-
-    /// From the server's flags (see [`OpenAiConfig::from_flags`]).
-    ///
-    /// # Errors
-    /// As [`OpenAiConfig::from_flags`] and [`new`](Self::new).
-    pub fn from_flags(config: &Config) -> Result<Self, ConfigError> {
-        Self::new(OpenAiConfig::from_flags(config)?)
     }
 
     /// Uses `template` to build the messages instead of the default [`PromptTemplate`].
@@ -549,27 +506,5 @@ mod tests {
             "the environment variable ASKSTREAM_TEST_CERTAINLY_UNSET_KEY_VAR, named by \
              --upstream-api-key-env, is not set or is empty"
         );
-    }
-
-    #[test]
-    fn flags_need_a_url_and_a_model() {
-        let mut c = Config::default();
-        assert_eq!(
-            OpenAiConfig::from_flags(&c).unwrap_err(),
-            ConfigError::MissingUrl
-        );
-        c.upstream_url = Some("http://127.0.0.1:8000/v1".into());
-        assert_eq!(
-            OpenAiConfig::from_flags(&c).unwrap_err(),
-            ConfigError::MissingModel
-        );
-        c.upstream_model = Some("llama".into());
-        let ok = OpenAiConfig::from_flags(&c).unwrap();
-        assert!(ok.api_key.is_none());
-        c.upstream_api_key_env = Some("ASKSTREAM_TEST_CERTAINLY_UNSET_KEY_VAR".into());
-        assert!(matches!(
-            OpenAiConfig::from_flags(&c),
-            Err(ConfigError::MissingKey { .. })
-        ));
     }
 }

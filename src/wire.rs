@@ -1,20 +1,23 @@
-//! Event encoding: every frame the server sends is built here, once, as [`Bytes`].
+//! The wire format: every document the API sends is shaped and encoded here, once, as
+//! [`Bytes`]. The token, `done` and `error` events (contract §1.1), the heartbeat, the error
+//! object of a JSON error, and the JSON answer.
 //!
-//! A frame is exactly `data: <one-line JSON>\n\n` (or a comment line), so the simplest
+//! An event is exactly `data: <one-line JSON>\n\n` (or a comment line), so the simplest
 //! client parser — split on `\n\n`, keep lines starting with `data: ` — reads every event.
 //! Compact `serde_json` output never contains a raw newline (they are escaped inside
 //! strings), which is what keeps each event on one line.
 //!
+//! This module knows field names, not meanings: an error is a code string and a message,
+//! so the error vocabulary ([`crate::ErrorCode`]) depends on the wire and not the reverse.
+//!
 //! ```
-//! use askstream::sse::encode;
-//! assert_eq!(&encode::token(" north")[..], b"data: {\"type\":\"token\",\"token\":\" north\"}\n\n");
-//! assert_eq!(&encode::KEEP_ALIVE[..], b": keep-alive\n\n");
+//! use askstream::wire;
+//! assert_eq!(&wire::token(" north")[..], b"data: {\"type\":\"token\",\"token\":\" north\"}\n\n");
+//! assert_eq!(&wire::KEEP_ALIVE[..], b": keep-alive\n\n");
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
-
-use crate::error::{ErrorCode, ErrorObject};
 
 const PREFIX: &[u8] = b"data: ";
 const SUFFIX: &[u8] = b"\n\n";
@@ -50,10 +53,9 @@ struct TokenEvent<'a> {
 
 /// The `token` event for one piece of generated text.
 pub fn token(text: &str) -> Bytes {
-    data(&TokenEvent {
-        kind: "token",
-        token: text,
-    })
+    let mut buf = BytesMut::with_capacity(text.len() + 36);
+    token_into(&mut buf, text);
+    buf.freeze()
 }
 
 /// Appends the `token` event for `text` to `buf` (see [`data_into`]).
@@ -67,9 +69,40 @@ pub fn token_into(buf: &mut BytesMut, text: &str) {
     );
 }
 
-/// The `error` event: `{"type":"error","code":…,"message":…}`.
-pub fn error(code: ErrorCode, message: &str) -> Bytes {
-    data(&ErrorObject::new(code, message))
+/// The error object, `{"type":"error","code":…,"message":…}`: the body of an error in
+/// JSON mode, and the payload of the `error` event.
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    code: &'a str,
+    message: &'a str,
+}
+
+/// The `error` event: the error object as one `data:` event.
+pub fn error_event(code: &str, message: &str) -> Bytes {
+    data(&ErrorObject {
+        kind: "error",
+        code,
+        message,
+    })
+}
+
+/// The error object as a JSON document, for an error answered before a JSON answer began.
+pub fn error_json(code: &str, message: &str) -> Bytes {
+    json(&ErrorObject {
+        kind: "error",
+        code,
+        message,
+    })
+}
+
+/// Any serializable value as a compact JSON document.
+fn json<T: Serialize + ?Sized>(value: &T) -> Bytes {
+    let mut buf = BytesMut::with_capacity(128);
+    // As in `data_into`: writing into memory, with nothing fallible to serialize.
+    let _ = serde_json::to_writer((&mut buf).writer(), value);
+    buf.freeze()
 }
 
 /// One source as the `done` event (and the JSON answer) lists it.
@@ -146,6 +179,44 @@ pub fn done(d: &Done<'_>) -> Bytes {
     })
 }
 
+/// The JSON-mode answer: the `done` event's fields, plus the whole `answer` text.
+pub fn json_answer(d: &Done<'_>, answer: &str) -> Bytes {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Document<'a> {
+        query_id: &'a str,
+        answer: &'a str,
+        sources: &'a [Source<'a>],
+        quota_remaining: u32,
+        usage: UsageField,
+        timing: TimingField,
+    }
+    json(&Document {
+        query_id: d.query_id,
+        answer,
+        sources: d.sources,
+        quota_remaining: d.quota_remaining,
+        usage: d.usage,
+        timing: d.timing,
+    })
+}
+
+/// `GET /api/v1/quota`'s document.
+pub(crate) fn quota_status(limit: u32, remaining: u32, resets_at: &str) -> Bytes {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Status<'a> {
+        limit: u32,
+        remaining: u32,
+        resets_at: &'a str,
+    }
+    json(&Status {
+        limit,
+        remaining,
+        resets_at,
+    })
+}
+
 /// A comment frame (`: text\n\n`), which SSE clients ignore. Newlines in `text` are
 /// replaced by spaces so the comment stays one line.
 pub fn comment(text: &str) -> Bytes {
@@ -182,7 +253,7 @@ mod tests {
 
     #[test]
     fn error_frame_carries_code_and_message() {
-        let f = error(ErrorCode::SlowClient, "client stopped reading");
+        let f = error_event("SLOW_CLIENT", "client stopped reading");
         assert_eq!(
             &f[..],
             b"data: {\"type\":\"error\",\"code\":\"SLOW_CLIENT\",\"message\":\"client stopped reading\"}\n\n"
@@ -213,6 +284,31 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&f).unwrap(),
             "data: {\"type\":\"done\",\"queryId\":\"q1\",\"sources\":[{\"id\":\"a.md#1\",\"title\":\"A\",\"score\":1.5}],\"quotaRemaining\":3,\"usage\":{\"completionTokens\":64},\"timing\":{\"ttftMs\":0.8,\"totalMs\":12.5}}\n\n"
+        );
+    }
+
+    #[test]
+    fn error_json_is_the_error_object() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&error_json("QUOTA_EXCEEDED", "no asks left \"today\""))
+                .unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["code"], "QUOTA_EXCEEDED");
+        assert_eq!(v["message"], "no asks left \"today\"");
+    }
+
+    #[test]
+    fn json_answer_is_done_plus_the_answer() {
+        let d = Done {
+            query_id: "q1",
+            sources: &[],
+            quota_remaining: 0,
+            usage: UsageField::default(),
+            timing: TimingField::default(),
+        };
+        assert_eq!(
+            std::str::from_utf8(&json_answer(&d, "All of it.")).unwrap(),
+            "{\"queryId\":\"q1\",\"answer\":\"All of it.\",\"sources\":[],\"quotaRemaining\":0,\"usage\":{\"completionTokens\":0},\"timing\":{\"ttftMs\":null,\"totalMs\":0.0}}"
         );
     }
 

@@ -1,0 +1,317 @@
+//! The loop that runs one answer: retrieval, then generation, raced against everything
+//! that can end it early. Both modes share it; they differ only in their [`Sink`].
+
+use std::future::{Future, poll_fn};
+use std::panic::AssertUnwindSafe;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep_until};
+
+use super::{Ask, Outcome, Pipeline};
+use crate::clock::later;
+use crate::error::{ApiError, ErrorCode};
+use crate::pipeline::{Chunk, Passage, PipelineError, PipelineErrorKind, Prompt, Token, Usage};
+use crate::sse::body::{SseSender, TrySendError};
+use crate::wire;
+
+/// What a complete run of the pipeline leaves to deliver.
+pub(super) struct Generated {
+    pub(super) passages: Arc<[Passage]>,
+    pub(super) usage: Usage,
+}
+
+/// How the driver ended: the answer is generated, or it ended early with an
+/// [`Outcome`] that is never [`Outcome::Delivered`].
+pub(super) type Driven = Result<Generated, Outcome>;
+
+/// Counters an answer keeps for its `done` event, its log line and its metrics.
+#[derive(Default)]
+pub(super) struct Stats {
+    pub(super) tokens: u32,
+    pub(super) first_token: Option<Instant>,
+}
+
+/// Where tokens go: the SSE channel or the JSON answer text.
+pub(super) trait Sink {
+    /// Hands a token on, waiting for room (but not past the server's stop); `Err` ends
+    /// the answer.
+    fn token(&mut self, token: &Token, p: &Pipeline) -> impl Future<Output = Result<(), Outcome>>;
+    /// Sends a heartbeat if it fits now (skipped while the buffer is full).
+    fn heartbeat(&mut self);
+    /// Whether heartbeats mean anything for this sink.
+    fn wants_heartbeat(&self) -> bool;
+}
+
+/// Tokens into a streaming answer's channel, as their pre-encoded frames.
+pub(super) struct StreamSink<'a> {
+    pub(super) tx: &'a SseSender,
+}
+
+impl Sink for StreamSink<'_> {
+    async fn token(&mut self, token: &Token, p: &Pipeline) -> Result<(), Outcome> {
+        match self.tx.try_send(token.frame().clone()) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Disconnected) => Err(Outcome::Disconnected),
+            // The client is behind: wait for room, but not forever, and not past the
+            // server's stop. The timer exists only on this slow path, and is boxed with
+            // the send: inline, the two would add some 400 bytes to every answer's future,
+            // slow or not.
+            Err(TrySendError::Full(frame)) => {
+                let wait = Box::pin(async {
+                    tokio::select! {
+                        sent = tokio::time::timeout(p.slow_client, self.tx.send(frame)) => {
+                            match sent {
+                                Ok(Ok(())) => Ok(()),
+                                Ok(Err(_)) => Err(Outcome::Disconnected),
+                                Err(_) => Err(Outcome::Failed(slow_client(p.slow_client))),
+                            }
+                        }
+                        () = p.shutdown.stopped() => Err(Outcome::Failed(shutting_down())),
+                    }
+                });
+                wait.await
+            }
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        let _ = self.tx.try_send(wire::KEEP_ALIVE);
+    }
+
+    fn wants_heartbeat(&self) -> bool {
+        true
+    }
+}
+
+/// Tokens into a JSON answer's text.
+#[derive(Default)]
+pub(super) struct JsonSink {
+    pub(super) answer: String,
+}
+
+impl Sink for JsonSink {
+    async fn token(&mut self, token: &Token, _: &Pipeline) -> Result<(), Outcome> {
+        self.answer.push_str(token.text());
+        Ok(())
+    }
+
+    fn heartbeat(&mut self) {}
+
+    fn wants_heartbeat(&self) -> bool {
+        false
+    }
+}
+
+/// The deadlines one answer watches, kept as instants so a token costs two stores and
+/// no timer reset: the single timer is re-armed only when it fires.
+struct Deadlines {
+    received: Instant,
+    ttft_timeout: Duration,
+    idle_timeout: Duration,
+    heartbeat: Option<Duration>,
+    /// Last chunk from the generator; `None` until the first.
+    last_chunk: Option<Instant>,
+    /// Last frame sent to the client, heartbeats included.
+    last_event: Instant,
+}
+
+impl Deadlines {
+    // Saturating sums: a setting absurdly high (a heartbeat in the billions of seconds)
+    // means "never", not a panic in every answer.
+    fn generator_deadline(&self) -> Instant {
+        match self.last_chunk {
+            None => later(self.received, self.ttft_timeout),
+            Some(t) => later(t, self.idle_timeout),
+        }
+    }
+
+    fn heartbeat_due(&self) -> Option<Instant> {
+        self.heartbeat.map(|h| later(self.last_event, h))
+    }
+
+    fn next(&self) -> Instant {
+        let g = self.generator_deadline();
+        self.heartbeat_due().map_or(g, |h| g.min(h))
+    }
+}
+
+/// Runs retrieval and generation for one ask, sending tokens into `sink`, until the
+/// generator ends or something ends the answer first.
+pub(super) async fn drive<S: Sink>(
+    p: &Pipeline,
+    ask: &Ask,
+    sink: &mut S,
+    mut gone: Pin<&mut impl Future<Output = ()>>,
+    stats: &mut Stats,
+) -> Driven {
+    let mut stop = pin!(p.shutdown.stopped());
+    let mut clock = Deadlines {
+        received: ask.received,
+        ttft_timeout: p.ttft_timeout,
+        idle_timeout: p.idle_timeout,
+        heartbeat: sink.wants_heartbeat().then_some(p.heartbeat),
+        last_chunk: None,
+        // The response head went out at admission: heartbeats count from there, also
+        // while a slow retriever works.
+        last_event: Instant::now(),
+    };
+    // One timer for the whole answer, re-armed only when it fires (see `on_timer`).
+    let mut timer = pin!(sleep_until(clock.next()));
+
+    // Retrieval can end in four ways: the client leaves, the server stops, the retriever
+    // answers, or the timer finds the first-token deadline passed (it may only send a
+    // heartbeat). The timer is polled last, so an in-memory retriever, ready at once,
+    // never registers it.
+    let mut retrieving = p.retriever.retrieve(&ask.query, ask.top_k);
+    let passages: Arc<[Passage]> = loop {
+        tokio::select! {
+            biased;
+            () = &mut gone => return Err(Outcome::Disconnected),
+            () = &mut stop => return Err(Outcome::Failed(shutting_down())),
+            r = &mut retrieving => match r {
+                Ok(found) => break found.into(),
+                Err(e) => return Err(Outcome::Failed(pipeline_error(e))),
+            },
+            () = &mut timer => {
+                on_timer(p, &mut clock, sink)?;
+                timer.as_mut().reset(clock.next());
+            }
+        }
+    };
+    drop(retrieving);
+
+    let mut tokens = p.generator.generate(Prompt {
+        query: ask.query.clone(),
+        passages: passages.clone(),
+    });
+    let mut usage = Usage::default();
+
+    loop {
+        // What can happen while the answer runs:
+        // - the client goes away (the body was dropped): stop, refund;
+        // - the grace period after a shutdown signal ends: SHUTTING_DOWN, refund;
+        // - the generator yields a token, reports usage, fails, or finishes;
+        // - the timer fires: first-token or idle deadline passed, or a heartbeat is due.
+        tokio::select! {
+            biased;
+            () = &mut gone => return Err(Outcome::Disconnected),
+            () = &mut stop => return Err(Outcome::Failed(shutting_down())),
+            item = poll_fn(|cx| tokens.as_mut().poll_next(cx)) => {
+                let token = match item {
+                    Some(Ok(Chunk::Token(t))) => Some(t),
+                    Some(Ok(Chunk::Usage(u))) => {
+                        usage = u;
+                        None
+                    }
+                    Some(Err(e)) => return Err(Outcome::Failed(pipeline_error(e))),
+                    None => return Ok(Generated { passages, usage }),
+                };
+                if let Some(t) = &token {
+                    sink.token(t, p).await?;
+                }
+                // Read after the hand-off: a client that kept the token waiting for room
+                // must not make the generator look idle.
+                let now = Instant::now();
+                if token.is_some() {
+                    stats.tokens += 1;
+                    stats.first_token.get_or_insert(now);
+                    clock.last_event = now;
+                }
+                // The timer is re-armed lazily (it fires early, then moves on), which is
+                // sound only while deadlines move later. The first chunk swaps the
+                // first-token deadline for the idle deadline, which can be earlier: re-arm
+                // once here, or an idle timeout shorter than the TTFT timeout would wait
+                // for the TTFT deadline (or the next heartbeat) instead.
+                if clock.last_chunk.replace(now).is_none() {
+                    timer.as_mut().reset(clock.next());
+                }
+            }
+            () = &mut timer => {
+                on_timer(p, &mut clock, sink)?;
+                timer.as_mut().reset(clock.next());
+            }
+        }
+    }
+}
+
+/// The answer's timer fired: fail it if the generator's deadline (first token or idle)
+/// has passed, send a heartbeat if one is due, or nothing (it fired for a deadline that
+/// has since moved). The caller re-arms it for `clock.next()`.
+fn on_timer(p: &Pipeline, clock: &mut Deadlines, sink: &mut impl Sink) -> Result<(), Outcome> {
+    let now = Instant::now();
+    if now >= clock.generator_deadline() {
+        return Err(Outcome::Failed(match clock.last_chunk {
+            None => no_first_token(p.ttft_timeout),
+            Some(_) => stalled(p.idle_timeout),
+        }));
+    }
+    if clock.heartbeat_due().is_some_and(|due| now >= due) {
+        sink.heartbeat();
+        clock.last_event = now;
+    }
+    Ok(())
+}
+
+/// Polls the driver, turning a panic inside it into an `INTERNAL` failure of this ask only.
+///
+/// Takes the future pinned by the caller: an `async fn` that took it by value would keep
+/// it twice in its state (the argument, then the pinned local), doubling every answer's
+/// largest allocation.
+pub(super) async fn catch_unwind(mut fut: Pin<&mut impl Future<Output = Driven>>) -> Driven {
+    poll_fn(
+        |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                tracing::error!("the answer pipeline panicked");
+                Poll::Ready(Err(Outcome::Failed(ApiError::new(
+                    ErrorCode::Internal,
+                    "the answer pipeline failed",
+                ))))
+            }
+        },
+    )
+    .await
+}
+
+fn pipeline_error(e: PipelineError) -> ApiError {
+    let code = match e.kind {
+        PipelineErrorKind::Upstream => ErrorCode::UpstreamError,
+        PipelineErrorKind::Timeout => ErrorCode::UpstreamTimeout,
+        PipelineErrorKind::Internal => ErrorCode::Internal,
+    };
+    ApiError::new(code, e.message)
+}
+
+pub(super) fn shutting_down() -> ApiError {
+    ApiError::new(
+        ErrorCode::ShuttingDown,
+        "the server is shutting down; this ask was refunded",
+    )
+}
+
+pub(super) fn slow_client(after: Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::SlowClient,
+        format!(
+            "the stream was not read for {} s; this ask was refunded",
+            after.as_secs()
+        ),
+    )
+}
+
+fn no_first_token(after: Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::UpstreamTimeout,
+        format!("no first token within {} ms", after.as_millis()),
+    )
+}
+
+fn stalled(after: Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::UpstreamTimeout,
+        format!("the generator was silent for {} ms", after.as_millis()),
+    )
+}

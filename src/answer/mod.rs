@@ -1,0 +1,258 @@
+//! The per-ask driver: runs the pipeline for one charged ask and decides, exactly once,
+//! whether the charge is kept or refunded.
+//!
+//! - [`drive`] is the loop both modes share: retrieval, then generation, raced against the
+//!   client leaving, timeouts, heartbeats and shutdown. Modes differ only in where tokens
+//!   go: each token's pre-encoded frame into the [`SseSender`], or its text into the JSON
+//!   answer.
+//! - [`settle`] holds the [`Outcome`] of an answer and the [`Settlement`] that acts on it:
+//!   the charge settled on delivery and refunded otherwise — also when the pipeline
+//!   panics (caught per ask) and, as a last resort, by the settlement's own `Drop`.
+//!
+//! A streaming answer counts as delivered when the body yields its `done` frame to hyper;
+//! a JSON answer when the body yields the document ([`JsonBody`]).
+
+mod drive;
+mod query_id;
+mod settle;
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+pub(crate) use query_id::QueryId;
+pub(crate) use settle::{Outcome, Settlement};
+
+use crate::auth::UserId;
+use crate::body::JsonBody;
+use crate::config::ServiceConfig;
+use crate::error::{ApiError, ErrorCode};
+use crate::metrics::Metrics;
+use crate::pipeline::{Generator, Passage, Retriever, Usage};
+use crate::quota::Charge;
+use crate::shutdown::Shutdown;
+use crate::sse::body::{SseSender, TrySendError};
+use crate::wire::{self, Done, Source, TimingField, UsageField};
+use drive::{Generated, JsonSink, Stats, StreamSink, catch_unwind, shutting_down, slow_client};
+
+/// What an answer needs from the service: the pipeline, the clocks, the shutdown signal.
+pub(crate) struct Pipeline {
+    retriever: Arc<dyn Retriever>,
+    generator: Arc<dyn Generator>,
+    shutdown: Shutdown,
+    ttft_timeout: Duration,
+    idle_timeout: Duration,
+    heartbeat: Duration,
+    slow_client: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Pipeline {
+    pub(crate) fn new(
+        retriever: Arc<dyn Retriever>,
+        generator: Arc<dyn Generator>,
+        shutdown: Shutdown,
+        config: &ServiceConfig,
+    ) -> Self {
+        Pipeline {
+            retriever,
+            generator,
+            shutdown,
+            ttft_timeout: config.ttft_timeout,
+            idle_timeout: config.idle_timeout,
+            heartbeat: config.heartbeat,
+            slow_client: config.slow_client,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    pub(crate) fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+/// One admitted ask: validated, identified, charged.
+pub(crate) struct Ask {
+    pub(crate) id: QueryId,
+    pub(crate) query: Arc<str>,
+    pub(crate) top_k: usize,
+    pub(crate) user: UserId,
+    /// When the request reached the service; TTFT and total time count from here.
+    pub(crate) received: Instant,
+}
+
+/// Streams one answer into `tx`; owns the charge and settles or refunds it exactly once.
+///
+/// Not an `async fn`: the settlement is built before the future, so the future holds it
+/// once rather than as arguments and again as a local (every open stream carries this
+/// future).
+pub(crate) fn stream(
+    p: Arc<Pipeline>,
+    ask: Ask,
+    charge: Charge,
+    permit: OwnedSemaphorePermit,
+    tx: SseSender,
+) -> impl Future<Output = ()> + Send {
+    let mut answer = Settlement::new(&p.metrics, "stream", ask, charge, permit);
+    answer.probe = Some(tx.probe());
+    async move {
+        let driven = {
+            let mut sink = StreamSink { tx: &tx };
+            let gone = pin!(tx.closed());
+            let drive = pin!(drive::drive(
+                &p,
+                &answer.ask,
+                &mut sink,
+                gone,
+                &mut answer.stats
+            ));
+            catch_unwind(drive).await
+        };
+        let outcome = match driven {
+            Ok(generated) => {
+                let done = done_frame(&answer, &generated);
+                deliver_done(&p, tx, done).await
+            }
+            Err(Outcome::Failed(err)) => {
+                fail_stream(tx, &err);
+                Outcome::Failed(err)
+            }
+            Err(ended) => ended,
+        };
+        answer.finish(outcome);
+    }
+}
+
+/// Hands the `done` frame over and waits to learn whether the body yielded it.
+async fn deliver_done(p: &Pipeline, tx: SseSender, done: Bytes) -> Outcome {
+    let ended_early = {
+        let delivered = tx.finish(done);
+        // Waiting for delivery can end three ways: the body yields `done` (or is dropped),
+        // the client stops reading for too long, or the server stops.
+        tokio::select! {
+            d = delivered => return match d {
+                Ok(()) => Outcome::Delivered,
+                Err(_) => Outcome::Disconnected,
+            },
+            () = tokio::time::sleep(p.slow_client) => slow_client(p.slow_client),
+            () = p.shutdown.stopped() => shutting_down(),
+        }
+    };
+    // Too late to finish: cut the stream, unless the body yielded `done` in the meantime.
+    if tx.abort(ended_early.to_event()) {
+        Outcome::Delivered
+    } else {
+        Outcome::Failed(ended_early)
+    }
+}
+
+/// Ends a stream with an error event. Tokens already queued go first when there is room;
+/// a client that is not reading, or a server that must stop, gets the error in their place.
+fn fail_stream(tx: SseSender, err: &ApiError) {
+    let frame = err.to_event();
+    let cut = matches!(err.code, ErrorCode::SlowClient | ErrorCode::ShuttingDown);
+    // No `done` frame was queued, so neither abort below can lose to a delivery.
+    if cut {
+        let _ = tx.abort(frame);
+        return;
+    }
+    if let Err(TrySendError::Full(frame)) = tx.try_send(frame) {
+        let _ = tx.abort(frame);
+    }
+    // Dropping `tx` ends the stream after the error frame.
+}
+
+/// Runs one answer to completion for JSON mode. On success, the returned body settles the
+/// charge when hyper takes the document; dropping it unsent refunds.
+///
+/// When the client leaves while the answer is generated, hyper drops this future, and
+/// with it the [`Settlement`], which refunds and logs the disconnect.
+pub(crate) async fn json(
+    p: Arc<Pipeline>,
+    ask: Ask,
+    charge: Charge,
+    permit: OwnedSemaphorePermit,
+) -> Result<JsonBody, ApiError> {
+    let mut answer = Settlement::new(&p.metrics, "json", ask, charge, permit);
+    let mut sink = JsonSink::default();
+    // A JSON answer learns of a departed client only when hyper drops this future.
+    let gone = pin!(std::future::pending());
+    let driven = {
+        let drive = pin!(drive::drive(
+            &p,
+            &answer.ask,
+            &mut sink,
+            gone,
+            &mut answer.stats
+        ));
+        catch_unwind(drive).await
+    };
+    match driven {
+        Ok(generated) => {
+            let sources = sources(&generated.passages);
+            let document =
+                wire::json_answer(&done_fields(&answer, &generated, &sources), &sink.answer);
+            Ok(JsonBody::new(document, answer))
+        }
+        Err(Outcome::Failed(err)) => {
+            answer.finish(Outcome::Failed(err.clone()));
+            Err(err)
+        }
+        Err(ended) => {
+            answer.finish(ended);
+            Err(ApiError::new(ErrorCode::Internal, "the client went away"))
+        }
+    }
+}
+
+fn sources(passages: &[Passage]) -> Vec<Source<'_>> {
+    passages
+        .iter()
+        .map(|p| Source {
+            id: &p.id,
+            title: &p.title,
+            score: p.score,
+            url: p.url.as_deref(),
+        })
+        .collect()
+}
+
+/// The fields of the `done` event (and of the JSON answer) for a generated answer.
+fn done_fields<'a>(
+    answer: &'a Settlement,
+    generated: &Generated,
+    sources: &'a [Source<'a>],
+) -> Done<'a> {
+    let Usage {
+        prompt_tokens,
+        completion_tokens,
+    } = generated.usage;
+    let stats: &Stats = &answer.stats;
+    let received = answer.ask.received;
+    Done {
+        query_id: answer.ask.id.as_str(),
+        sources,
+        quota_remaining: answer.remaining(),
+        usage: UsageField {
+            completion_tokens: completion_tokens.unwrap_or(stats.tokens),
+            prompt_tokens,
+        },
+        timing: TimingField {
+            ttft_ms: stats.first_token.map(|t| settle::ms(t - received)),
+            total_ms: settle::ms(received.elapsed()),
+        },
+    }
+}
+
+fn done_frame(answer: &Settlement, generated: &Generated) -> Bytes {
+    let sources = sources(&generated.passages);
+    wire::done(&done_fields(answer, generated, &sources))
+}

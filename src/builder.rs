@@ -1,0 +1,188 @@
+//! The composition root: the one place that knows every concrete piece and wires them
+//! into an [`AskService`].
+//!
+//! Anything not handed to the [`Builder`] comes from the [`ServiceConfig`]: the keys file
+//! or open mode, BM25 over a folder or over the built-in corpus, the generator the config
+//! names, an in-memory quota map. Nothing else in the crate names a concrete retriever,
+//! generator or store, so replacing one is a change here and nowhere else.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::answer::Pipeline;
+use crate::auth::{Auth, KeysError};
+use crate::config::{GeneratorConfig, InvalidConfig, ServiceConfig};
+use crate::pipeline::bm25::Bm25Index;
+use crate::pipeline::openai::{self, OpenAiGenerator};
+use crate::pipeline::sim::SimGenerator;
+use crate::pipeline::{Generator, Retriever};
+use crate::quota::{QuotaMap, QuotaStore};
+use crate::service::AskService;
+use crate::shutdown::Shutdown;
+
+/// Builds an [`AskService`]; start one with [`AskService::builder`].
+///
+/// ```
+/// use askstream::{AskService, ServiceConfig};
+///
+/// let config = ServiceConfig { quota_limit: 100, ..ServiceConfig::default() };
+/// let service = AskService::builder(config).build()?;
+/// # drop(service);
+/// # Ok::<(), askstream::StartupError>(())
+/// ```
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct Builder {
+    config: ServiceConfig,
+    auth: Option<Auth>,
+    quota: Option<Arc<dyn QuotaStore>>,
+    retriever: Option<Arc<dyn Retriever>>,
+    generator: Option<Arc<dyn Generator>>,
+    shutdown: Shutdown,
+}
+
+impl Builder {
+    pub(crate) fn new(config: ServiceConfig) -> Self {
+        Builder {
+            config,
+            auth: None,
+            quota: None,
+            retriever: None,
+            generator: None,
+            shutdown: Shutdown::new(),
+        }
+    }
+
+    /// The settings the service will be built with.
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// Identifies callers with `auth` instead of `config.keys`.
+    pub fn auth(mut self, auth: Auth) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Keeps quota in `quota` (shared with other services, or not in memory) instead of a
+    /// new in-memory map.
+    pub fn quota(mut self, quota: Arc<dyn QuotaStore>) -> Self {
+        self.quota = Some(quota);
+        self
+    }
+
+    /// Uses this retriever instead of BM25 over `config.docs` or the built-in corpus.
+    pub fn retriever(mut self, retriever: Arc<dyn Retriever>) -> Self {
+        self.retriever = Some(retriever);
+        self
+    }
+
+    /// Uses this generator instead of the one `config.generator` names.
+    pub fn generator(mut self, generator: Arc<dyn Generator>) -> Self {
+        self.generator = Some(generator);
+        self
+    }
+
+    /// Shares a shutdown handle (an embedder's own, to drain and stop its answers).
+    pub fn shutdown(mut self, shutdown: Shutdown) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// Loads what was not given (keys file, documents), checks the settings and builds
+    /// the service.
+    ///
+    /// No task is started here, so this works outside a runtime; the quota store's
+    /// housekeeping starts with the service's first request and stops when its last
+    /// clone is dropped.
+    pub fn build(self) -> Result<AskService, StartupError> {
+        let Builder {
+            config,
+            auth,
+            quota,
+            retriever,
+            generator,
+            shutdown,
+        } = self;
+        config.validate().map_err(StartupError::Config)?;
+        let auth = match (auth, &config.keys) {
+            (Some(a), _) => a,
+            (None, Some(path)) => Auth::from_file(path).map_err(StartupError::Keys)?,
+            (None, None) => {
+                tracing::warn!(
+                    "no keys file: open mode, the user is the bearer token or else the client IP"
+                );
+                Auth::open()
+            }
+        };
+        let retriever: Arc<dyn Retriever> = match (retriever, &config.docs) {
+            (Some(r), _) => r,
+            (None, Some(dir)) => {
+                Arc::new(
+                    Bm25Index::from_dir(dir).map_err(|error| StartupError::Docs {
+                        path: dir.clone(),
+                        error,
+                    })?,
+                )
+            }
+            (None, None) => Arc::new(Bm25Index::builtin()),
+        };
+        let generator: Arc<dyn Generator> = match (generator, &config.generator) {
+            (Some(g), _) => g,
+            (None, GeneratorConfig::Sim(sim)) => Arc::new(SimGenerator::new(*sim)),
+            (None, GeneratorConfig::OpenAi(upstream)) => {
+                Arc::new(OpenAiGenerator::new(upstream.clone()).map_err(StartupError::Upstream)?)
+            }
+        };
+        let quota = quota.unwrap_or_else(|| Arc::new(QuotaMap::new(config.quota_window)) as Arc<_>);
+        let pipeline = Pipeline::new(retriever, generator, shutdown, &config);
+        Ok(AskService::assemble(config, auth, quota, pipeline))
+    }
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("config", &self.config)
+            .field("auth", &self.auth)
+            .field("custom_quota", &self.quota.is_some())
+            .field("custom_retriever", &self.retriever.is_some())
+            .field("custom_generator", &self.generator.is_some())
+            .finish()
+    }
+}
+
+/// Why a service could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StartupError {
+    /// A setting that cannot work.
+    Config(InvalidConfig),
+    /// The keys file could not be read or parsed.
+    Keys(KeysError),
+    /// The documents folder could not be indexed.
+    Docs {
+        /// The folder given as `docs`.
+        path: PathBuf,
+        /// What went wrong.
+        error: std::io::Error,
+    },
+    /// The `openai` generator's settings are unusable (a URL that is not `http://`, an
+    /// empty model, a key that cannot be sent).
+    Upstream(openai::ConfigError),
+}
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartupError::Config(e) => write!(f, "configuration: {e}"),
+            // `Auth::from_file` names the file itself.
+            StartupError::Keys(e) => write!(f, "{e}"),
+            StartupError::Docs { path, error } => {
+                write!(f, "documents folder {}: {error}", path.display())
+            }
+            StartupError::Upstream(e) => write!(f, "upstream: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartupError {}
