@@ -84,9 +84,9 @@ use crate::pipeline::BoxFuture;
 /// instances.
 ///
 /// Object-safe, so the service holds an `Arc<dyn QuotaStore>` and is not generic over the
-/// store: the boxed future costs the in-memory path one small allocation per ask, which
-/// measured as tens of nanoseconds against an ask's tens of microseconds (see the
-/// `dispatch` group in `benches/quota.rs`).
+/// store: the in-memory path pays one small allocation per ask for its boxed future, next
+/// to nothing beside the rest of an ask (the `dispatch` group in `benches/quota.rs`
+/// measures it).
 pub trait QuotaStore: Send + Sync + 'static {
     /// Takes one ask from `user`'s current window, or refuses without taking anything.
     fn charge<'a>(

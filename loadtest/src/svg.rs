@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::engine::histogram::Histogram;
+use crate::histogram::Histogram;
 
 const WIDTH: f64 = 1000.0;
 const ROW: f64 = 330.0;
@@ -18,6 +18,7 @@ const RIGHT_X: f64 = 570.0;
 const TOP: f64 = 62.0;
 
 /// One run's row of the chart.
+#[derive(Debug)]
 pub struct Series<'a> {
     /// Bold heading, e.g. "A: latency under load".
     pub title: String,

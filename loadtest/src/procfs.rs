@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// A process to observe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pid {
+pub(crate) enum Pid {
     /// The load tool itself.
     Own,
     /// Another process, such as the server.
@@ -26,7 +26,7 @@ impl Pid {
 }
 
 /// User plus system CPU time the process (all its threads) has used.
-pub fn cpu_time(pid: Pid) -> Option<Duration> {
+pub(crate) fn cpu_time(pid: Pid) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("{}/stat", pid.dir())).ok()?;
     let ticks = parse_stat_cpu_ticks(&stat)?;
     let hz = clock_ticks_per_sec();
@@ -37,7 +37,7 @@ pub fn cpu_time(pid: Pid) -> Option<Duration> {
 ///
 /// The command name (field 2) is in parentheses and may itself contain spaces and
 /// parentheses, so fields are counted from the last `)`.
-pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+pub(crate) fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
     let after = &stat[stat.rfind(')')? + 1..];
     let mut fields = after.split_whitespace();
     // After the name: state is field 3; utime and stime are fields 14 and 15.
@@ -50,7 +50,7 @@ pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
 ///
 /// It is 100 on every mainstream Linux build; the fallback only matters where `getconf` is
 /// missing, and is that value.
-pub fn clock_ticks_per_sec() -> u64 {
+pub(crate) fn clock_ticks_per_sec() -> u64 {
     static HZ: OnceLock<u64> = OnceLock::new();
     *HZ.get_or_init(|| {
         std::process::Command::new("getconf")
@@ -66,21 +66,21 @@ pub fn clock_ticks_per_sec() -> u64 {
 
 /// Resident memory now (`VmRSS`) and at its peak (`VmHWM`), in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Memory {
+pub(crate) struct Memory {
     /// Resident set size now.
-    pub rss: u64,
+    pub(crate) rss: u64,
     /// The highest resident set size so far (the "high water mark").
-    pub peak: u64,
+    pub(crate) peak: u64,
 }
 
 /// The process's resident memory.
-pub fn memory(pid: Pid) -> Option<Memory> {
+pub(crate) fn memory(pid: Pid) -> Option<Memory> {
     let status = std::fs::read_to_string(format!("{}/status", pid.dir())).ok()?;
     parse_status_memory(&status)
 }
 
 /// `VmRSS` and `VmHWM` from the text of `/proc/<pid>/status`.
-pub fn parse_status_memory(status: &str) -> Option<Memory> {
+pub(crate) fn parse_status_memory(status: &str) -> Option<Memory> {
     let kib = |key: &str| -> Option<u64> {
         let line = status.lines().find(|l| l.starts_with(key))?;
         let value = line[key.len()..].trim().strip_suffix("kB")?.trim();
@@ -95,20 +95,20 @@ pub fn parse_status_memory(status: &str) -> Option<Memory> {
 
 /// The open-file limit, soft and hard (`None` = unlimited).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FdLimit {
+pub(crate) struct FdLimit {
     /// What the process may open now.
-    pub soft: Option<u64>,
+    pub(crate) soft: Option<u64>,
     /// What the soft limit may be raised to without privileges.
-    pub hard: Option<u64>,
+    pub(crate) hard: Option<u64>,
 }
 
 /// This process's open-file limit, from `/proc/self/limits`.
-pub fn fd_limit() -> Option<FdLimit> {
+pub(crate) fn fd_limit() -> Option<FdLimit> {
     parse_fd_limit(&std::fs::read_to_string("/proc/self/limits").ok()?)
 }
 
 /// The "Max open files" line of `/proc/<pid>/limits`.
-pub fn parse_fd_limit(limits: &str) -> Option<FdLimit> {
+pub(crate) fn parse_fd_limit(limits: &str) -> Option<FdLimit> {
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     let mut values = line["Max open files".len()..].split_whitespace();
     let parse = |v: &str| {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::engine::procfs;
+use crate::procfs;
 use crate::workload::Sim;
 
 /// How long the server may take to start listening and answer `/healthz`.
@@ -44,46 +44,42 @@ pub struct Launch {
     pub log: PathBuf,
 }
 
-/// Finds the askstream binary next to this executable (where cargo builds both).
+/// Finds the askstream binary next to this executable (where cargo builds both: the
+/// workspace shares one target folder).
 ///
-/// When the tool was started by `cargo run`, it first runs `cargo build` for the server in
-/// the same profile, so the one command reproduces the README's table from a clean
-/// checkout and never measures a stale server.
+/// When the tool was started by `cargo run`, it first runs `cargo build -p askstream --bin
+/// askstream` in the same profile, so the one command reproduces the README's table from a
+/// clean checkout and never measures a stale server.
 pub fn locate_server() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let binary = exe.with_file_name(format!("askstream{}", std::env::consts::EXE_SUFFIX));
+    let release = exe
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|d| d == "release");
+    let mut build = vec!["build", "-p", "askstream", "--bin", "askstream"];
+    if release {
+        build.push("--release");
+    }
+    let shown = format!("cargo {}", build.join(" "));
     if let Some(cargo) = std::env::var_os("CARGO") {
-        let release = exe
-            .parent()
-            .and_then(Path::file_name)
-            .is_some_and(|d| d == "release");
+        // This crate's manifest: cargo finds the workspace (and `-p askstream`) from it.
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bin",
-            "askstream",
-            "--manifest-path",
-            manifest,
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        eprintln!(
-            "loadtest: building the server (cargo build --bin askstream{})",
-            if release { " --release" } else { "" }
-        );
-        let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+        eprintln!("loadtest: building the server ({shown})");
+        let status = Command::new(cargo)
+            .args(&build)
+            .args(["--quiet", "--manifest-path", manifest])
+            .status()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
         if !status.success() {
-            return Err("building the askstream binary failed".into());
+            return Err(format!("building the askstream binary failed ({shown})"));
         }
     }
     if binary.is_file() {
         Ok(binary)
     } else {
         Err(format!(
-            "{} not found; build it: cargo build --release (or pass --server-bin)",
+            "{} not found; build it: {shown} (or pass --server-bin)",
             binary.display()
         ))
     }
@@ -216,7 +212,7 @@ impl Drop for Server {
 }
 
 /// The address in a log line like `... listening (HTTP/1.1 and h2c) addr=127.0.0.1:41234`.
-pub fn listening_addr(line: &str) -> Option<SocketAddr> {
+pub(crate) fn listening_addr(line: &str) -> Option<SocketAddr> {
     if !line.contains("listening") {
         return None;
     }

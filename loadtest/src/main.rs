@@ -2,23 +2,18 @@
 //! of any server speaking askstream's event format, at the client, over HTTP/1.1.
 //!
 //! ```text
-//! cargo run --release --bin loadtest -- --spawn --workload all     # the README's table
-//! cargo run --release --bin loadtest -- --target 127.0.0.1:8080 --concurrency 100 --duration 30s
+//! cargo run --release -p loadtest -- --spawn --workload all     # the README's table
+//! cargo run --release -p loadtest -- --target 127.0.0.1:8080 --concurrency 100 --duration 30s
 //! ```
 //!
-//! This file only turns flags into runs and runs into reports:
+//! This file only turns flags into runs and runs into reports; the rest is the `loadtest`
+//! library (`src/lib.rs`):
 //!
-//! - `engine` (and its `client`, `http1`, `histogram`, `procfs`): drives the load and
+//! - `engine` (with `client`, `http1`, `histogram`, `procfs`): drives the load and
 //!   measures; callable on its own, as the smoke test does;
 //! - `workload`: SPEC §6.1's workloads A–D;
 //! - `spawn`: `--spawn` (the server as a pinned child process), pinning, open-file limit;
 //! - `report` and `svg`: tables, JSON, the chart.
-
-mod engine;
-mod report;
-mod spawn;
-mod svg;
-mod workload;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -27,10 +22,10 @@ use std::time::Duration;
 
 use askstream::config::parse_span;
 use clap::Parser;
-
-use engine::{Load, Settings};
-use report::Run;
-use workload::{Sim, Workload};
+use loadtest::engine::{self, Load, Settings};
+use loadtest::report::{self, Run};
+use loadtest::workload::{self, Sim, Workload};
+use loadtest::{spawn, svg};
 
 /// Flags.
 #[derive(Debug, Parser)]

@@ -6,7 +6,7 @@
 //! bucket; above, every power of two is split into 128 equal buckets. A bucket is then at
 //! most 1/128 of its lower bound wide, and reporting its midpoint is off by at most 1/256
 //! (0.4 %) — finer than the 1 % the load tool promises. The whole `u64` range fits in
-//! [`BUCKETS`] counters (58 KiB), however many values are recorded.
+//! `BUCKETS` counters (58 KiB), however many values are recorded.
 
 /// Sub-bucket bits: each power of two is split into `2^SUB_BITS` buckets.
 const SUB_BITS: u32 = 7;
@@ -15,7 +15,7 @@ const SUB: u64 = 1 << SUB_BITS;
 /// Values below this are counted exactly, one bucket each.
 const LINEAR_LIMIT: u64 = SUB << 1;
 /// Buckets needed for every `u64`: the exact range, then `SUB` per remaining power of two.
-pub const BUCKETS: usize = ((64 - SUB_BITS + 1) as usize) * (SUB as usize);
+pub(crate) const BUCKETS: usize = ((64 - SUB_BITS + 1) as usize) * (SUB as usize);
 
 /// Counts of nanosecond values; see the module doc for its precision.
 #[derive(Clone, Debug)]
@@ -37,7 +37,7 @@ impl Default for Histogram {
 
 impl Histogram {
     /// An empty histogram.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Histogram {
             counts: vec![0; BUCKETS].into_boxed_slice(),
             count: 0,
@@ -49,7 +49,7 @@ impl Histogram {
 
     /// Counts one value (nanoseconds).
     #[inline]
-    pub fn record(&mut self, value: u64) {
+    pub(crate) fn record(&mut self, value: u64) {
         self.counts[index(value)] += 1;
         self.count += 1;
         self.min = self.min.min(value);
@@ -59,12 +59,12 @@ impl Histogram {
 
     /// Counts a duration, saturating at `u64::MAX` nanoseconds (584 years).
     #[inline]
-    pub fn record_duration(&mut self, d: std::time::Duration) {
+    pub(crate) fn record_duration(&mut self, d: std::time::Duration) {
         self.record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 
     /// Adds every value counted by `other`.
-    pub fn merge(&mut self, other: &Histogram) {
+    pub(crate) fn merge(&mut self, other: &Histogram) {
         for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
             *a += b;
         }
@@ -75,7 +75,7 @@ impl Histogram {
     }
 
     /// Forgets every value, keeping the memory.
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.counts.fill(0);
         self.count = 0;
         self.min = u64::MAX;
@@ -139,7 +139,7 @@ impl Histogram {
 
     /// Bytes this histogram holds, whatever it has recorded.
     #[cfg(test)]
-    pub fn memory_bytes(&self) -> usize {
+    pub(crate) fn memory_bytes(&self) -> usize {
         std::mem::size_of::<Self>() + std::mem::size_of_val(&*self.counts)
     }
 }

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::engine::histogram::Histogram;
 use crate::engine::{Load, Results};
+use crate::histogram::Histogram;
 
 /// Above this share of one core the tool itself may be what limits the run.
 const TOOL_CPU_WARN: f64 = 0.85;
 
 /// One workload's run, as reported.
+#[derive(Debug)]
 pub struct Run {
     /// `A`..`D` or `custom`.
     pub name: String,
@@ -28,24 +29,24 @@ pub struct Run {
 
 /// Figures derived from the raw results.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Derived {
+pub(crate) struct Derived {
     /// Completed answers per second.
-    pub answers_per_sec: f64,
+    pub(crate) answers_per_sec: f64,
     /// Token events per second.
-    pub tokens_per_sec: f64,
+    pub(crate) tokens_per_sec: f64,
     /// Server CPU as a share of one core.
-    pub server_cpu_share: Option<f64>,
+    pub(crate) server_cpu_share: Option<f64>,
     /// Server CPU time per token event, in microseconds.
-    pub server_us_per_token: Option<f64>,
+    pub(crate) server_us_per_token: Option<f64>,
     /// Tool CPU as a share of one core.
-    pub tool_cpu_share: Option<f64>,
+    pub(crate) tool_cpu_share: Option<f64>,
     /// Server memory growth under load per open answer, in bytes.
-    pub rss_per_answer: Option<f64>,
+    pub(crate) rss_per_answer: Option<f64>,
 }
 
 impl Derived {
     /// Computes the derived figures of `r`.
-    pub fn of(r: &Results) -> Derived {
+    pub(crate) fn of(r: &Results) -> Derived {
         let secs = r.window.as_secs_f64().max(1e-9);
         let share = |d: Duration| d.as_secs_f64() / secs;
         let peak = r.server.peak_rss.or(r.server.sampled_peak_rss);
@@ -68,7 +69,7 @@ impl Derived {
 }
 
 /// Warnings about the trustworthiness of a run's numbers.
-pub fn warnings(r: &Results) -> Vec<String> {
+pub(crate) fn warnings(r: &Results) -> Vec<String> {
     let d = Derived::of(r);
     let mut w = Vec::new();
     if let Some(share) = d.tool_cpu_share
@@ -338,7 +339,7 @@ fn percentiles(h: &Histogram) -> Value {
 
 /// A duration in nanoseconds: milliseconds with three decimals (the SPEC's unit), with
 /// microseconds below 10 µs and seconds from 10 s, where three decimals of ms mislead.
-pub fn fmt_ns(ns: u64) -> String {
+pub(crate) fn fmt_ns(ns: u64) -> String {
     let v = ns as f64;
     if v < 1e4 {
         format!("{:.2}µs", v / 1e3)
@@ -354,7 +355,7 @@ fn fmt_ns_opt(ns: Option<u64>) -> String {
 }
 
 /// Bytes as KiB/MiB (powers of 1024, like `ps`), labelled as such.
-pub fn fmt_bytes(b: f64) -> String {
+pub(crate) fn fmt_bytes(b: f64) -> String {
     if b < 1024.0 {
         format!("{b:.0} B")
     } else if b < 1024.0 * 1024.0 {

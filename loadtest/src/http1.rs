@@ -9,11 +9,11 @@ use std::fmt;
 use std::io::Write as _;
 
 /// The largest response head accepted; a peer sending more is broken, not slow.
-pub const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
 /// Why a response could not be understood.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HttpError {
+pub(crate) enum HttpError {
     /// The status line or a header line is malformed.
     BadHead(&'static str),
     /// No blank line within [`MAX_HEAD`] bytes.
@@ -34,7 +34,7 @@ impl fmt::Display for HttpError {
 
 /// How the body's end is found (RFC 9112 §6.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     /// `transfer-encoding: chunked`.
     Chunked,
     /// `content-length: n`.
@@ -45,21 +45,28 @@ pub enum Framing {
 
 /// The parts of a response head the load tool acts on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Head {
+pub(crate) struct Head {
     /// The status code.
-    pub status: u16,
+    pub(crate) status: u16,
     /// How the body ends.
-    pub framing: Framing,
+    pub(crate) framing: Framing,
     /// The server will close after this response (`connection: close`, or HTTP/1.0 without
     /// keep-alive), so the connection cannot be reused.
-    pub close: bool,
+    pub(crate) close: bool,
     /// `content-type: text/event-stream`.
-    pub event_stream: bool,
+    pub(crate) event_stream: bool,
 }
 
 /// Writes a `POST` of `body` to `path` into `out` (cleared first), authenticated as
 /// `user-<user>`. Reuses `out`'s capacity, so after the first stream no allocation happens.
-pub fn write_ask(out: &mut Vec<u8>, host: &str, path: &str, body: &[u8], user: u64, close: bool) {
+pub(crate) fn write_ask(
+    out: &mut Vec<u8>,
+    host: &str,
+    path: &str,
+    body: &[u8],
+    user: u64,
+    close: bool,
+) {
     out.clear();
     // Writing into a Vec cannot fail.
     let _ = write!(
@@ -75,7 +82,7 @@ pub fn write_ask(out: &mut Vec<u8>, host: &str, path: &str, body: &[u8], user: u
 
 /// Parses a response head at the start of `buf`: `Ok(None)` until its blank line has
 /// arrived, then the head and its length in bytes. Informational (1xx) heads are skipped.
-pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
+pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
     let mut offset = 0;
     loop {
         let rest = &buf[offset..];
@@ -210,7 +217,7 @@ enum ChunkState {
 /// An incremental decoder of `transfer-encoding: chunked` that hands out the data without
 /// copying it.
 #[derive(Clone, Debug)]
-pub struct ChunkedDecoder {
+pub(crate) struct ChunkedDecoder {
     state: ChunkState,
 }
 
@@ -222,7 +229,7 @@ impl Default for ChunkedDecoder {
 
 impl ChunkedDecoder {
     /// A decoder at the start of a body.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         ChunkedDecoder {
             state: ChunkState::Size {
                 value: 0,
@@ -232,13 +239,13 @@ impl ChunkedDecoder {
     }
 
     /// Whether the terminating chunk and trailer have been read.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.state == ChunkState::Done
     }
 
     /// Decodes `input`, passing each run of body data to `data` as it is found. Returns how
     /// many bytes were consumed: all of `input`, or fewer when the body ended inside it.
-    pub fn decode(
+    pub(crate) fn decode(
         &mut self,
         input: &[u8],
         mut data: impl FnMut(&[u8]),

@@ -23,25 +23,25 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::http1::{self, ChunkedDecoder, Framing, Head, HttpError};
+use crate::http1::{self, ChunkedDecoder, Framing, Head, HttpError};
 
 /// What every ask of a run sends, and where.
 #[derive(Clone, Debug)]
-pub struct Target {
+pub(crate) struct Target {
     /// The server's address (loopback; the engine checks).
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The `host` header.
-    pub host: String,
+    pub(crate) host: String,
     /// The path and query of the streaming ask.
-    pub path: String,
+    pub(crate) path: String,
     /// The JSON request body.
-    pub body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
     /// Reuse connections between asks; otherwise each ask asks the server to close after it.
-    pub keep_alive: bool,
+    pub(crate) keep_alive: bool,
 }
 
 /// Receives the measurements of one ask as they happen.
-pub trait Observer {
+pub(crate) trait Observer {
     /// A new connection was established in `took`.
     fn connected(&self, took: Duration);
     /// The request is about to be written (the TTFT clock starts now).
@@ -55,16 +55,16 @@ pub trait Observer {
 
 /// An ask that ended with its `done` event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Finished {
+pub(crate) struct Finished {
     /// Token events received.
-    pub tokens: u64,
+    pub(crate) tokens: u64,
     /// From just before the request was written to the `done` event.
-    pub total: Duration,
+    pub(crate) total: Duration,
 }
 
 /// Why an ask did not end with `done`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// The connection could not be made.
     Connect(io::ErrorKind),
     /// Writing the request or reading the response failed (e.g. reset by the server).
@@ -183,7 +183,7 @@ impl Response {
 
 /// One connection and everything reused from ask to ask.
 #[derive(Debug)]
-pub struct Client {
+pub(crate) struct Client {
     conn: Option<TcpStream>,
     /// Only a response head split across reads is copied here.
     head_buf: Vec<u8>,
@@ -200,7 +200,7 @@ impl Default for Client {
 
 impl Client {
     /// A client with no connection yet.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Client {
             conn: None,
             head_buf: Vec::new(),
@@ -211,7 +211,7 @@ impl Client {
     }
 
     /// Closes the connection, e.g. after a timeout left it mid-response.
-    pub fn disconnect(&mut self) {
+    pub(crate) fn disconnect(&mut self) {
         self.conn = None;
     }
 
@@ -220,7 +220,7 @@ impl Client {
     /// With keep-alive a reused connection that turns out to be closed by the server before
     /// any response byte is retried once on a new connection: that is the server ending an
     /// idle connection, not a failed ask.
-    pub async fn ask(
+    pub(crate) async fn ask(
         &mut self,
         target: &Target,
         user: u64,

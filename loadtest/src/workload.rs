@@ -59,7 +59,7 @@ pub struct Workload {
 ///
 /// Where the SPEC gives no warm-up (B, C), one is chosen: 2 s for B; for C, one answer's
 /// length (10 s), which is how long 5000 slots take to ramp up evenly.
-pub fn standard(name: &str) -> Option<Workload> {
+pub(crate) fn standard(name: &str) -> Option<Workload> {
     let a_sim = Sim {
         ttft_ms: 0,
         token_ms: 20,

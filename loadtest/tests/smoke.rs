@@ -2,14 +2,11 @@
 //! seconds at low load must produce no error and every answer must carry all its tokens.
 //! No timing is asserted — CI machines vary; the load tool itself is how speed is measured.
 
-#[allow(dead_code)]
-#[path = "../loadtest/engine.rs"]
-mod engine;
-
 use std::time::Duration;
 
-use askstream::{AskService, Config};
-use engine::{Load, Results, Settings};
+use askstream::pipeline::sim::SimConfig;
+use askstream::{AskService, GeneratorConfig, ServiceConfig};
+use loadtest::engine::{self, Load, Results, Settings};
 use tokio::sync::oneshot;
 
 const TOKENS: u32 = 6;
@@ -20,13 +17,15 @@ async fn start_server() -> (
     oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
-    let config = Config {
-        sim_ttft_ms: 0,
-        sim_token_ms: 2,
-        sim_tokens: TOKENS,
+    let config = ServiceConfig {
+        generator: GeneratorConfig::Sim(SimConfig {
+            ttft: Duration::ZERO,
+            token_interval: Duration::from_millis(2),
+            tokens: TOKENS,
+        }),
         quota_limit: 1_000_000_000,
-        shutdown_grace_secs: 2,
-        ..Config::default()
+        shutdown_grace: Duration::from_secs(2),
+        ..ServiceConfig::default()
     };
     let service = AskService::builder(config).build().expect("service builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,13 +1,10 @@
 //! The load engine: keeps asks in flight for a bounded time and measures them.
 //!
 //! [`run`] takes [`Settings`] and returns [`Results`]; it prints nothing but the progress
-//! line. It is usable without the binary's flag parsing (the smoke test calls it directly),
-//! so it declares the modules it is built from itself, by path:
-//!
-//! - [`client`]: one ask over one connection, measured as events are parsed;
-//! - [`http1`]: request writing, response heads, chunked coding;
-//! - [`histogram`]: bounded-memory latency histograms;
-//! - [`procfs`]: CPU time and memory of the server and of the tool.
+//! line. It is usable without the binary's flag parsing (the smoke test calls it directly).
+//! It is built on the crate's `client` (one ask over one connection, measured as events are
+//! parsed), which speaks `http1`; latencies go into [`Histogram`]s, and the server's and
+//! the tool's costs are read through `procfs`.
 //!
 //! # How a run goes
 //!
@@ -30,15 +27,6 @@
 //! Latencies count asks that *started* in the window; throughput counts what *arrived* in
 //! it. Asks still running at the end are cut (closed), not counted as errors.
 
-#[path = "client.rs"]
-pub mod client;
-#[path = "histogram.rs"]
-pub mod histogram;
-#[path = "http1.rs"]
-pub mod http1;
-#[path = "procfs.rs"]
-pub mod procfs;
-
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -50,9 +38,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::LocalSet;
 
-use client::{Client, Finished, Observer, Target};
-use histogram::Histogram;
-use procfs::Pid;
+use crate::client::{Client, Finished, Observer, Target};
+use crate::histogram::Histogram;
+use crate::procfs::{self, Pid};
 
 /// The size of the one read buffer all connections share.
 const READ_BUF: usize = 256 * 1024;
@@ -233,7 +221,7 @@ impl Stats {
 struct Shared {
     target: Target,
     settings: Settings,
-    /// The one read buffer; see [`client`].
+    /// The one read buffer; see [`crate::client`].
     read_buf: RefCell<Vec<u8>>,
     /// The current phase's counters: the warm-up's, then (after [`Shared::open_window`])
     /// the window's.

@@ -1,0 +1,36 @@
+//! askstream's load tool as a library: everything but the command line, which is the
+//! `loadtest` binary (`src/main.rs`, flags → runs → reports). It measures time to first
+//! token (TTFT) and throughput of any server speaking askstream's event format, at the
+//! client, over HTTP/1.1, on one thread.
+//!
+//! ```text
+//! cargo run --release -p loadtest -- --spawn --workload all     # the README's table
+//! cargo run --release -p loadtest -- --help
+//! ```
+//!
+//! # Modules
+//!
+//! - [`engine`]: drives a run (closed or open loop, warm-up, measured window) and returns
+//!   its [`engine::Results`]; callable without the binary, as the smoke test does;
+//! - `client` (internal): one streaming ask at a time over one connection, measured as
+//!   events are parsed by askstream's own SSE decoder;
+//! - `http1` (internal): just enough HTTP/1.1: request writing, response heads, chunked
+//!   coding;
+//! - [`histogram`]: bounded-memory, log-linear latency histograms (what
+//!   [`engine::Results`] holds its latencies in);
+//! - `procfs` (internal): CPU time, resident memory and the open-file limit, from `/proc`;
+//! - [`workload`]: SPEC §6.1's workloads A–D and the sim settings of a spawned server;
+//! - [`spawn`]: `--spawn` (the askstream binary as a pinned child process), CPU pinning,
+//!   the open-file limit;
+//! - [`report`]: a table per run, the README's Markdown summary, JSON;
+//! - [`svg`]: the TTFT chart.
+
+mod client;
+pub mod engine;
+pub mod histogram;
+mod http1;
+mod procfs;
+pub mod report;
+pub mod spawn;
+pub mod svg;
+pub mod workload;
