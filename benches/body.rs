@@ -13,7 +13,7 @@
 //!   (the channel and task wake-ups alone), once with the sim generator making the answer
 //!   (what one answer costs without HTTP).
 //!
-//! Run: `cargo bench --bench body`.
+//! Run: `cargo bench -p askstream --bench body`.
 
 use std::future::poll_fn;
 use std::hint::black_box;

@@ -8,7 +8,7 @@
 //! run splits alike). Throughput is in bytes of stream; each iteration is a new decoder,
 //! as each stream of the load tool gets one.
 //!
-//! Run: `cargo bench --bench decode`.
+//! Run: `cargo bench -p askstream --bench decode`.
 
 use std::hint::black_box;
 use std::sync::Arc;

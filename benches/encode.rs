@@ -1,4 +1,4 @@
-//! What it costs to build the frames the server sends (`askstream::sse::encode`).
+//! What it costs to build the frames the server sends (`askstream::wire`).
 //!
 //! One group per question:
 //! - `token_frame`: one `token` event for texts of different shapes (what `Token::new`
@@ -9,7 +9,7 @@
 //!   `serde_json::Value`;
 //! - `error_frame`: an `error` event.
 //!
-//! Run: `cargo bench --bench encode`.
+//! Run: `cargo bench -p askstream --bench encode`.
 
 use std::hint::black_box;
 

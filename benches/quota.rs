@@ -19,7 +19,7 @@
 //! The clock is injected (`charge_at`) elsewhere, so no other benchmark reads the system
 //! time.
 //!
-//! Run: `cargo bench --bench quota`.
+//! Run: `cargo bench -p askstream --bench quota`.
 
 use std::hint::black_box;
 use std::sync::Barrier;

@@ -1,7 +1,7 @@
 //! From an HTTP request to a typed ask: mode, content type, a size-limited body, JSON rules.
 //!
 //! Everything here answers "is this request well-formed?" and nothing else; each check
-//! returns an [`ApiError`] with the SPEC's code, so the service can refuse before any
+//! returns an [`ApiError`] with the contract's code (§1.1), so the service can refuse before any
 //! quota is touched.
 
 use std::sync::Arc;

@@ -76,7 +76,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
             let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match sniffed {
                 // Inline: this task lives as long as the connection, and hyper's
                 // HTTP/1 connection is less than half the size of hyper-util's enum
-                // over both protocols (672 against 1552 bytes).
+                // over both protocols.
                 Sniffed::Http1 => watcher
                     .watch(protocols.http1.serve_connection(io, service))
                     .await
@@ -208,7 +208,7 @@ impl Protocols {
     }
 }
 
-/// Sets the per-socket options the SPEC requires.
+/// Sets the per-socket options the contract requires (§1.1, §1.3).
 fn tune(stream: &TcpStream, config: &ServiceConfig) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let sock = socket2::SockRef::from(stream);

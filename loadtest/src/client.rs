@@ -73,7 +73,7 @@ pub(crate) enum Failure {
     Status {
         /// The HTTP status.
         status: u16,
-        /// The SPEC error code, if the body carried one.
+        /// The contract's error code, if the body carried one.
         code: Option<String>,
     },
     /// The stream ended (body or connection) before a `done` or `error` event.

@@ -19,7 +19,7 @@
 //! - [`histogram`]: bounded-memory, log-linear latency histograms (what
 //!   [`engine::Results`] holds its latencies in);
 //! - `procfs` (internal): CPU time, resident memory and the open-file limit, from `/proc`;
-//! - [`workload`]: SPEC §6.1's workloads A–D and the sim settings of a spawned server;
+//! - [`workload`]: contract §6.1's workloads A–D and the sim settings of a spawned server;
 //! - [`spawn`]: `--spawn` (the askstream binary as a pinned child process), CPU pinning,
 //!   the open-file limit;
 //! - [`report`]: a table per run, the README's Markdown summary, JSON;

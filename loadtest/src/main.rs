@@ -11,7 +11,7 @@
 //!
 //! - `engine` (with `client`, `http1`, `histogram`, `procfs`): drives the load and
 //!   measures; callable on its own, as the smoke test does;
-//! - `workload`: SPEC §6.1's workloads A–D;
+//! - `workload`: contract §6.1's workloads A–D;
 //! - `spawn`: `--spawn` (the server as a pinned child process), pinning, open-file limit;
 //! - `report` and `svg`: tables, JSON, the chart.
 
@@ -34,7 +34,7 @@ use loadtest::{spawn, svg};
     version,
     about = "Measures TTFT and throughput of an askstream-compatible SSE server (HTTP/1.1, loopback only).",
     after_help = "Examples:\n  \
-        loadtest --spawn --workload all            reproduce the README's table (SPEC §6.1)\n  \
+        loadtest --spawn --workload all            reproduce the README's table (contract §6.1)\n  \
         loadtest --spawn --workload D --duration 5s\n  \
         loadtest --target 127.0.0.1:8080 --concurrency 200 --duration 30s --server-pid $(pidof askstream)\n  \
         loadtest --target localhost:8080 --rate 500 --duration 20s   open loop, Poisson arrivals\n  \
@@ -54,7 +54,7 @@ struct Args {
     #[arg(long, default_value = "How do quota refunds work?")]
     query: String,
 
-    /// Standard workload(s) of SPEC §6.1: A, B, C, D, a comma list, or `all`. Without it,
+    /// Standard workload(s) of contract §6.1: A, B, C, D, a comma list, or `all`. Without it,
     /// a custom run from --concurrency/--rate and the --sim-* flags.
     #[arg(long, short)]
     workload: Option<String>,

@@ -337,7 +337,7 @@ fn percentiles(h: &Histogram) -> Value {
     })
 }
 
-/// A duration in nanoseconds: milliseconds with three decimals (the SPEC's unit), with
+/// A duration in nanoseconds: milliseconds with three decimals (the contract's unit), with
 /// microseconds below 10 µs and seconds from 10 s, where three decimals of ms mislead.
 pub(crate) fn fmt_ns(ns: u64) -> String {
     let v = ns as f64;

@@ -1,4 +1,4 @@
-//! The standard workloads of SPEC §6.1, and the sim settings a spawned server runs with.
+//! The standard workloads of contract §6.1, and the sim settings a spawned server runs with.
 
 use std::time::Duration;
 
@@ -55,9 +55,9 @@ pub struct Workload {
     pub ramp: Duration,
 }
 
-/// The standard workload named `name` (case-insensitive), per SPEC §6.1.
+/// The standard workload named `name` (case-insensitive), per contract §6.1.
 ///
-/// Where the SPEC gives no warm-up (B, C), one is chosen: 2 s for B; for C, one answer's
+/// Where the contract gives no warm-up (B, C), one is chosen: 2 s for B; for C, one answer's
 /// length (10 s), which is how long 5000 slots take to ramp up evenly.
 pub(crate) fn standard(name: &str) -> Option<Workload> {
     let a_sim = Sim {

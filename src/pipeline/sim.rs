@@ -45,7 +45,7 @@ pub struct SimConfig {
 }
 
 impl Default for SimConfig {
-    /// The SPEC defaults: 150 ms to the first token, then one every 20 ms, 64 in all.
+    /// The contract's defaults (§4): 150 ms to the first token, then one every 20 ms, 64 in all.
     fn default() -> Self {
         SimConfig {
             ttft: Duration::from_millis(150),
