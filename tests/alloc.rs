@@ -1,6 +1,6 @@
 //! Heap allocations on the per-token path, counted by a global allocator.
 //!
-//! The server's budget (SPEC §6.2) leaves no room for an allocation per token event: the
+//! The server's budget (contract §6.2) leaves no room for an allocation per token event: the
 //! sim encodes each passage's frames once ([`Token::batch`]) and keeps them, and from then
 //! on a token is two reference-count bumps on its way from the generator, through the
 //! [`channel`], to the [`SseBody`] that hands it to hyper. These tests hold the code to

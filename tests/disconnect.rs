@@ -1,4 +1,4 @@
-//! A client that leaves is refunded exactly once, whatever the moment it leaves (SPEC §1.3
+//! A client that leaves is refunded exactly once, whatever the moment it leaves (contract §1.3
 //! disconnect detection, §2 exactly-once refund): before the first token while the
 //! generator is idle, mid-stream, in JSON mode, by half-closing, and racing the `done`
 //! frame — where the charge must match exactly what the clients received.
@@ -6,7 +6,6 @@
 //! Every test runs the real server on a real socket; the user is a per-test bearer token
 //! (open mode) and the quota is read back through `GET /api/v1/quota`.
 
-// `support::fast_config` trips this lint; the support module is shared and not ours to edit.
 mod support;
 
 use std::pin::Pin;
@@ -19,7 +18,10 @@ use askstream::pipeline::{Chunk, Generator, PipelineError, Prompt, Token, TokenS
 use askstream::{AskService, ServiceConfig};
 use futures_core::Stream;
 use serde_json::Value;
-use support::{RawConn, TestServer, fast_config, parse_sse, quota};
+use support::{
+    RawConn, TestServer, ask_body, bearer, config_with_limit, dechunk_prefix, find, parse_sse,
+    remaining_with_limit, stream_ask_request,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -29,16 +31,10 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Long enough that nothing in a test run can be woken by it.
 const HOUR_MS: u64 = 3_600_000;
 
-fn config() -> ServiceConfig {
-    let mut c = fast_config();
-    c.quota_limit = LIMIT as u32;
-    c
-}
-
 /// A server whose generator, timeouts and heartbeats all sleep for an hour: an answer in
 /// flight can only end because the server noticed the client leave.
 fn idle_config() -> ServiceConfig {
-    let mut c = config();
+    let mut c = config_with_limit(LIMIT as u32);
     support::sim(&mut c).ttft = Duration::from_millis(HOUR_MS);
     c.ttft_timeout = Duration::from_millis(HOUR_MS);
     c.idle_timeout = Duration::from_millis(HOUR_MS);
@@ -53,20 +49,6 @@ fn first_token_then_idle_config() -> ServiceConfig {
     support::sim(&mut c).token_interval = Duration::from_millis(HOUR_MS);
     support::sim(&mut c).tokens = 10;
     c
-}
-
-async fn remaining(server: &TestServer, user: &str) -> u64 {
-    let q = quota(server.addr, user).await;
-    assert_eq!(q["limit"].as_u64(), Some(LIMIT), "{q}");
-    q["remaining"].as_u64().expect("remaining is a number")
-}
-
-fn ask_body(query: &str) -> String {
-    serde_json::json!({ "query": query }).to_string()
-}
-
-fn bearer(user: &str) -> String {
-    format!("authorization: Bearer {user}\r\n")
 }
 
 /// Opens a streaming ask and reads its response head.
@@ -114,30 +96,6 @@ fn complete_events(body: &[u8]) -> Vec<Value> {
         Some(end) => parse_sse(&body[..end + 2]).0,
         None => Vec::new(),
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Decodes as much of a chunked body as arrived, keeping the data of a cut last chunk.
-fn dechunk_lenient(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = find(b, b"\r\n") {
-        let size_text = std::str::from_utf8(&b[..line_end]).expect("chunk size is ASCII");
-        let size = usize::from_str_radix(size_text.trim(), 16).expect("chunk size is hex");
-        if size == 0 {
-            break;
-        }
-        let data = &b[line_end + 2..];
-        out.extend_from_slice(&data[..size.min(data.len())]);
-        if data.len() < size + 2 {
-            break;
-        }
-        assert_eq!(&data[size..size + 2], b"\r\n", "chunk data ends with CRLF");
-        b = &data[size + 2..];
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -210,12 +168,12 @@ async fn start_hanging(tokens: &'static [&'static str]) -> (TestServer, Arc<Coun
 /// next write.
 async fn idle_disconnect_refunds(user: &str, abortive: bool) {
     let server = TestServer::start(idle_config()).await;
-    assert_eq!(remaining(&server, user).await, LIMIT);
+    assert_eq!(remaining_with_limit(server.addr, user, LIMIT).await, LIMIT);
 
     let (conn, _head) = open_stream(&server, user).await;
     assert_eq!(server.service.in_flight(), 1);
     assert_eq!(
-        remaining(&server, user).await,
+        remaining_with_limit(server.addr, user, LIMIT).await,
         LIMIT - 1,
         "a 200 head means the ask was charged"
     );
@@ -224,7 +182,7 @@ async fn idle_disconnect_refunds(user: &str, abortive: bool) {
     server.settled().await;
     assert_eq!(server.service.in_flight(), 0);
     assert_eq!(
-        remaining(&server, user).await,
+        remaining_with_limit(server.addr, user, LIMIT).await,
         LIMIT,
         "refunded exactly once"
     );
@@ -273,14 +231,17 @@ async fn mid_stream_disconnect_refunds(user: &str, abortive: bool) {
         .collect();
     assert_eq!(events, expected);
     assert_eq!(server.service.in_flight(), 1);
-    assert_eq!(remaining(&server, user).await, LIMIT - 1);
+    assert_eq!(
+        remaining_with_limit(server.addr, user, LIMIT).await,
+        LIMIT - 1
+    );
     assert_eq!(counters.started.load(Ordering::SeqCst), 1);
     assert_eq!(counters.dropped.load(Ordering::SeqCst), 0);
 
     close(conn, abortive);
     server.settled().await;
     assert_eq!(server.service.in_flight(), 0);
-    assert_eq!(remaining(&server, user).await, LIMIT);
+    assert_eq!(remaining_with_limit(server.addr, user, LIMIT).await, LIMIT);
     assert_eq!(
         counters.dropped.load(Ordering::SeqCst),
         1,
@@ -314,7 +275,10 @@ async fn json_disconnect_refunds(user: &str, abortive: bool) {
         server.service.in_flight() == 1
     })
     .await;
-    assert_eq!(remaining(&server, user).await, LIMIT - 1);
+    assert_eq!(
+        remaining_with_limit(server.addr, user, LIMIT).await,
+        LIMIT - 1
+    );
 
     close(conn, abortive);
     // A JSON answer is not a spawned task: it lives in hyper's service future, which hyper
@@ -323,7 +287,7 @@ async fn json_disconnect_refunds(user: &str, abortive: bool) {
         server.service.in_flight() == 0
     })
     .await;
-    assert_eq!(remaining(&server, user).await, LIMIT);
+    assert_eq!(remaining_with_limit(server.addr, user, LIMIT).await, LIMIT);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +310,10 @@ async fn half_close_after_the_head_ends_the_stream_and_refunds() {
     let (mut conn, head) = open_stream(&server, user).await;
     assert_eq!(head.header("transfer-encoding"), Some("chunked"));
     assert_eq!(server.service.in_flight(), 1);
-    assert_eq!(remaining(&server, user).await, LIMIT - 1);
+    assert_eq!(
+        remaining_with_limit(server.addr, user, LIMIT).await,
+        LIMIT - 1
+    );
 
     conn.stream
         .shutdown()
@@ -361,7 +328,7 @@ async fn half_close_after_the_head_ends_the_stream_and_refunds() {
 
     server.settled().await;
     assert_eq!(server.service.in_flight(), 0);
-    assert_eq!(remaining(&server, user).await, LIMIT);
+    assert_eq!(remaining_with_limit(server.addr, user, LIMIT).await, LIMIT);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,7 +362,7 @@ async fn half_close_right_after_the_request_refunds() {
     }
     server.settled().await;
     assert_eq!(server.service.in_flight(), 0);
-    assert_eq!(remaining(&server, user).await, LIMIT);
+    assert_eq!(remaining_with_limit(server.addr, user, LIMIT).await, LIMIT);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -447,12 +414,7 @@ const LAST_CHUNK: &[u8] = b"\r\n0\r\n\r\n";
 async fn race_once(addr: std::net::SocketAddr, user: &str, cut: usize, how: Close) -> Race {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.set_nodelay(true).unwrap();
-    let body = ask_body(RACE_QUERY);
-    let req = format!(
-        "POST /api/v1/ai/ask?stream=true HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
-         authorization: Bearer {user}\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let req = stream_ask_request(RACE_QUERY, user);
     s.write_all(req.as_bytes()).await.unwrap();
 
     let mut received = Vec::new();
@@ -526,7 +488,7 @@ fn count_events(raw: &[u8]) -> (usize, usize) {
         "{}",
         String::from_utf8_lossy(&raw[..head_end])
     );
-    let body = dechunk_lenient(&raw[head_end + 4..]);
+    let (body, _) = dechunk_prefix(&raw[head_end + 4..]);
     let events = complete_events(&body);
     let dones = events.iter().filter(|e| e["type"] == "done").count();
     assert!(dones <= 1, "one done at most: {events:?}");
@@ -564,7 +526,7 @@ const CONCURRENCY: u64 = 8;
 
 /// Runs the race loop and returns (tally, quota charged by the loop).
 async fn race_loop(user: &'static str, how: Close, token_ms: u64) -> (Tally, u64) {
-    let mut c = config();
+    let mut c = config_with_limit(LIMIT as u32);
     support::sim(&mut c).tokens = RACE_TOKENS;
     support::sim(&mut c).token_interval = Duration::from_millis(token_ms);
     let server = TestServer::start(c).await;
@@ -576,7 +538,7 @@ async fn race_loop(user: &'static str, how: Close, token_ms: u64) -> (Tally, u64
     assert!(full.received.ends_with(LAST_CHUNK));
     let full_len = full.received.len() as u64;
     server.settled().await;
-    let before = remaining(&server, user).await;
+    let before = remaining_with_limit(server.addr, user, LIMIT).await;
     assert_eq!(before, LIMIT - 1);
 
     let mut workers = tokio::task::JoinSet::new();
@@ -631,7 +593,7 @@ async fn race_loop(user: &'static str, how: Close, token_ms: u64) -> (Tally, u64
         0,
         "every ask settled or refunded"
     );
-    let after = remaining(&server, user).await;
+    let after = remaining_with_limit(server.addr, user, LIMIT).await;
     (tally, before - after)
 }
 
@@ -718,7 +680,10 @@ async fn many_streams_disconnecting_at_once_are_all_refunded() {
     }
     assert_eq!(conns.len(), STREAMS);
     assert_eq!(server.service.in_flight(), STREAMS);
-    assert_eq!(remaining(&server, user).await, LIMIT - STREAMS as u64);
+    assert_eq!(
+        remaining_with_limit(server.addr, user, LIMIT).await,
+        LIMIT - STREAMS as u64
+    );
 
     // Half leave with a FIN, half with an RST, all at once.
     for (i, conn) in conns.into_iter().enumerate() {
@@ -726,5 +691,5 @@ async fn many_streams_disconnecting_at_once_are_all_refunded() {
     }
     server.settled().await;
     assert_eq!(server.service.in_flight(), 0);
-    assert_eq!(remaining(&server, user).await, LIMIT);
+    assert_eq!(remaining_with_limit(server.addr, user, LIMIT).await, LIMIT);
 }

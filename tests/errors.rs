@@ -1,7 +1,7 @@
-//! Every error code of SPEC §1.1, against the real server on a real socket: the status,
+//! Every error code of contract §1.1, against the real server on a real socket: the status,
 //! the content type, and the error object `{"type":"error","code","message"}` — as a JSON
 //! body in JSON mode and as exactly one `data:` event in streaming mode — plus, for every
-//! error, that the caller's quota ends where the SPEC says.
+//! error, that the caller's quota ends where the contract says.
 
 mod support;
 
@@ -23,24 +23,6 @@ const QUERY: &str = r#"{"query":"How are quotas refunded?"}"#;
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-fn bearer(token: &str) -> String {
-    format!("authorization: Bearer {token}\r\n")
-}
-
-/// Checks the error object: exactly `type`, `code`, `message`, with a non-empty message.
-fn check_error_object(v: &Value, code: &str, ctx: &str) {
-    let obj = v
-        .as_object()
-        .unwrap_or_else(|| panic!("{ctx}: not an object: {v}"));
-    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-    keys.sort_unstable();
-    assert_eq!(keys, ["code", "message", "type"], "{ctx}: {v}");
-    assert_eq!(v["type"], "error", "{ctx}: {v}");
-    assert_eq!(v["code"], code, "{ctx}: {v}");
-    let message = v["message"].as_str().expect("message is a string");
-    assert!(!message.trim().is_empty(), "{ctx}: empty message");
-}
-
 /// A JSON-mode error: status, `application/json`, the error object. Returns the object.
 fn expect_json_error(head: &Head, body: &[u8], status: u16, code: &str, ctx: &str) -> Value {
     assert_eq!(
@@ -56,7 +38,7 @@ fn expect_json_error(head: &Head, body: &[u8], status: u16, code: &str, ctx: &st
     );
     let v: Value = serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("{ctx}: body is not JSON ({e}): {body:?}"));
-    check_error_object(&v, code, ctx);
+    assert_error_object(&v, code, ctx);
     v
 }
 
@@ -82,7 +64,7 @@ fn expect_sse_error(head: &Head, body: &[u8], status: u16, code: &str, ctx: &str
     let (events, comments) = parse_sse(body);
     assert_eq!(events.len(), 1, "{ctx}: {text:?}");
     assert!(comments.is_empty(), "{ctx}: {comments:?}");
-    check_error_object(&events[0], code, ctx);
+    assert_error_object(&events[0], code, ctx);
     events[0].clone()
 }
 
@@ -100,15 +82,6 @@ async fn expect_refused_both_modes(
     let (sh, sb) = ask(server.addr, ASK_STREAM, body, extra).await;
     expect_sse_error(&sh, &sb, status, code, &format!("{ctx} (stream)"));
     (jh, sh)
-}
-
-/// Sends raw request bytes on a fresh connection and reads the whole response.
-async fn raw(server: &TestServer, request: &[u8]) -> (Head, Vec<u8>) {
-    let mut c = RawConn::connect(server.addr).await;
-    c.send(request).await;
-    let head = c.read_head().await;
-    let body = c.read_body(&head).await;
-    (head, body)
 }
 
 /// A successful streaming answer: 200, event-stream, tokens then `done`. Returns events.
@@ -142,7 +115,7 @@ fn expect_stream_failed(head: &Head, body: &[u8], code: &str, ctx: &str) -> Vec<
     );
     let (events, _) = parse_sse(body);
     let last = events.last().unwrap_or_else(|| panic!("{ctx}: no events"));
-    check_error_object(last, code, ctx);
+    assert_error_object(last, code, ctx);
     assert!(
         events[..events.len() - 1]
             .iter()
@@ -150,18 +123,6 @@ fn expect_stream_failed(head: &Head, body: &[u8], code: &str, ctx: &str) -> Vec<
         "{ctx}: {events:?}"
     );
     events
-}
-
-async fn remaining(server: &TestServer, token: &str) -> u64 {
-    quota(server.addr, token).await["remaining"]
-        .as_u64()
-        .expect("remaining is a number")
-}
-
-fn config_with_limit(limit: u32) -> ServiceConfig {
-    let mut c = fast_config();
-    c.quota_limit = limit;
-    c
 }
 
 // ---------------------------------------------------------------------------------------
@@ -207,10 +168,6 @@ impl Retriever for DownRetriever {
     }
 }
 
-fn q(text: &str) -> String {
-    json!({ "query": text }).to_string()
-}
-
 // ---------------------------------------------------------------------------------------
 // BAD_REQUEST
 // ---------------------------------------------------------------------------------------
@@ -233,7 +190,11 @@ async fn bad_request_for_malformed_or_invalid_bodies_in_both_modes() {
     for (what, body) in cases {
         expect_refused_both_modes(&server, body, &auth, 400, "BAD_REQUEST", what).await;
     }
-    assert_eq!(remaining(&server, "bad-bodies").await, 5, "nothing charged");
+    assert_eq!(
+        remaining(server.addr, "bad-bodies").await,
+        5,
+        "nothing charged"
+    );
 }
 
 #[tokio::test]
@@ -241,18 +202,18 @@ async fn bad_request_query_length_is_counted_in_characters_after_trimming() {
     let server = TestServer::start(config_with_limit(10)).await;
     let auth = bearer("lengths");
 
-    let too_long = q(&"a".repeat(4001));
+    let too_long = ask_body(&"a".repeat(4001));
     expect_refused_both_modes(&server, &too_long, &auth, 400, "BAD_REQUEST", "4001 ASCII").await;
-    let too_long_mb = q(&"é".repeat(4001));
+    let too_long_mb = ask_body(&"é".repeat(4001));
     expect_refused_both_modes(&server, &too_long_mb, &auth, 400, "BAD_REQUEST", "4001 é").await;
     assert_eq!(
-        remaining(&server, "lengths").await,
+        remaining(server.addr, "lengths").await,
         10,
         "refusals cost nothing"
     );
 
     // 4000 two-byte characters (8000 bytes) are within the limit, in both modes.
-    let max_mb = q(&"é".repeat(4000));
+    let max_mb = ask_body(&"é".repeat(4000));
     let (h, b) = ask(server.addr, ASK, &max_mb, &auth).await;
     assert_eq!(h.status, 200, "{}", String::from_utf8_lossy(&b));
     let v: Value = serde_json::from_slice(&b).unwrap();
@@ -262,10 +223,10 @@ async fn bad_request_query_length_is_counted_in_characters_after_trimming() {
     assert_eq!(events.last().unwrap()["quotaRemaining"], 8);
 
     // Surrounding whitespace does not count.
-    let padded = q(&format!("  \n{}\t ", "a".repeat(4000)));
+    let padded = ask_body(&format!("  \n{}\t ", "a".repeat(4000)));
     let (h, b) = ask(server.addr, ASK, &padded, &auth).await;
     assert_eq!(h.status, 200, "{}", String::from_utf8_lossy(&b));
-    assert_eq!(remaining(&server, "lengths").await, 7);
+    assert_eq!(remaining(server.addr, "lengths").await, 7);
 }
 
 #[tokio::test]
@@ -277,7 +238,7 @@ async fn bad_request_for_top_k_outside_1_to_20_or_not_an_integer() {
         expect_refused_both_modes(&server, &body, &auth, 400, "BAD_REQUEST", &body).await;
     }
     assert_eq!(
-        remaining(&server, "topk").await,
+        remaining(server.addr, "topk").await,
         10,
         "refusals cost nothing"
     );
@@ -289,7 +250,7 @@ async fn bad_request_for_top_k_outside_1_to_20_or_not_an_integer() {
         let (h, b) = ask(server.addr, ASK, body, &auth).await;
         assert_eq!(h.status, 200, "{body}: {}", String::from_utf8_lossy(&b));
     }
-    assert_eq!(remaining(&server, "topk").await, 8);
+    assert_eq!(remaining(server.addr, "topk").await, 8);
 }
 
 #[tokio::test]
@@ -309,7 +270,7 @@ async fn bad_request_for_a_stream_value_other_than_true_false_1_0() {
         expect_json_error(&h, &b, 400, "BAD_REQUEST", &path);
     }
     assert_eq!(
-        remaining(&server, "stream-flag").await,
+        remaining(server.addr, "stream-flag").await,
         5,
         "nothing charged"
     );
@@ -333,7 +294,7 @@ async fn bad_request_for_a_stream_value_other_than_true_false_1_0() {
             expect_stream_done(&h, &b, &path);
         }
     }
-    assert_eq!(remaining(&server, "stream-flag").await, 1);
+    assert_eq!(remaining(server.addr, "stream-flag").await, 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -467,7 +428,7 @@ async fn payload_too_large_over_max_body_bytes_and_the_limit_itself_is_accepted(
     let way_over = body_of_len(4000);
     expect_refused_both_modes(&server, &way_over, &auth, 413, "PAYLOAD_TOO_LARGE", "4000").await;
     assert_eq!(
-        remaining(&server, "sizes").await,
+        remaining(server.addr, "sizes").await,
         5,
         "refusals cost nothing"
     );
@@ -477,7 +438,7 @@ async fn payload_too_large_over_max_body_bytes_and_the_limit_itself_is_accepted(
     assert_eq!(h.status, 200, "{}", String::from_utf8_lossy(&b));
     let (h, b) = ask(server.addr, ASK_STREAM, &exact, &auth).await;
     expect_stream_done(&h, &b, "256 bytes");
-    assert_eq!(remaining(&server, "sizes").await, 3);
+    assert_eq!(remaining(server.addr, "sizes").await, 3);
 }
 
 #[tokio::test]
@@ -508,7 +469,7 @@ async fn payload_too_large_for_a_huge_declared_length_without_reading_the_body()
             expect_json_error(&h, &b, 413, "PAYLOAD_TOO_LARGE", path);
         }
     }
-    assert_eq!(remaining(&server, "huge").await, 5);
+    assert_eq!(remaining(server.addr, "huge").await, 5);
 }
 
 #[tokio::test]
@@ -551,7 +512,7 @@ async fn payload_too_large_for_a_chunked_body_checked_while_reading() {
         }
     }
     assert_eq!(
-        remaining(&server, "chunky").await,
+        remaining(server.addr, "chunky").await,
         4,
         "only the accepted ask"
     );
@@ -588,7 +549,7 @@ async fn unsupported_media_type_for_non_json_and_absent_content_type_is_accepted
         .await;
         expect_sse_error(&h, &b, 415, "UNSUPPORTED_MEDIA_TYPE", ct);
     }
-    assert_eq!(remaining(&server, "media").await, 10, "nothing charged");
+    assert_eq!(remaining(server.addr, "media").await, 10, "nothing charged");
 
     // No content-type at all (curl -d without -H) is accepted, as are JSON with
     // parameters and `+json` types.
@@ -608,7 +569,7 @@ async fn unsupported_media_type_for_non_json_and_absent_content_type_is_accepted
         let (h, b) = raw(&server, post_with_headers(ASK, &headers, QUERY).as_bytes()).await;
         assert_eq!(h.status, 200, "{ct}: {}", String::from_utf8_lossy(&b));
     }
-    assert_eq!(remaining(&server, "media").await, 6);
+    assert_eq!(remaining(server.addr, "media").await, 6);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -670,7 +631,7 @@ async fn quota_exceeded_with_retry_after_in_both_modes_and_nothing_deducted() {
     );
     server.settled().await;
     assert_eq!(
-        remaining(&server, "big").await,
+        remaining(server.addr, "big").await,
         3,
         "and nothing was refunded"
     );
@@ -690,7 +651,9 @@ async fn overloaded_while_max_streams_answers_are_in_flight() {
 
     // One answer in flight: its model never answers.
     let mut first = RawConn::connect(server.addr).await;
-    first.post(ASK_STREAM, &q("hold the line"), &auth).await;
+    first
+        .post(ASK_STREAM, &ask_body("hold the line"), &auth)
+        .await;
     let head = first.read_head().await;
     assert_eq!(head.status, 200);
     assert_eq!(server.service.in_flight(), 1);
@@ -699,7 +662,7 @@ async fn overloaded_while_max_streams_answers_are_in_flight() {
         expect_refused_both_modes(&server, QUERY, &auth, 503, "OVERLOADED", "2nd").await;
     }
     assert_eq!(
-        remaining(&server, "busy").await,
+        remaining(server.addr, "busy").await,
         9,
         "only the answer in flight is charged"
     );
@@ -708,7 +671,7 @@ async fn overloaded_while_max_streams_answers_are_in_flight() {
     drop(first);
     server.settled().await;
     assert_eq!(server.service.in_flight(), 0);
-    assert_eq!(remaining(&server, "busy").await, 10);
+    assert_eq!(remaining(server.addr, "busy").await, 10);
 
     let (h, b) = ask(server.addr, ASK_STREAM, QUERY, &auth).await;
     let events = expect_stream_done(&h, &b, "after the slot freed");
@@ -748,7 +711,7 @@ async fn shutting_down_refuses_asks_in_both_modes_and_healthz_turns_503() {
     let h = c.read_head().await;
     assert_eq!(h.status, 503);
     let _ = c.read_body(&h).await;
-    assert_eq!(remaining(&server, "late").await, 5, "nothing charged");
+    assert_eq!(remaining(server.addr, "late").await, 5, "nothing charged");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -760,7 +723,7 @@ async fn upstream_error_after_tokens_ends_the_stream_and_refunds() {
     let server = scripted_server(config_with_limit(5)).await;
     let auth = bearer("upstream");
 
-    let (h, b) = ask(server.addr, ASK_STREAM, &q("please fail"), &auth).await;
+    let (h, b) = ask(server.addr, ASK_STREAM, &ask_body("please fail"), &auth).await;
     let events = expect_stream_failed(&h, &b, "UPSTREAM_ERROR", "stream");
     assert_eq!(
         events[..2],
@@ -771,16 +734,16 @@ async fn upstream_error_after_tokens_ends_the_stream_and_refunds() {
     );
     assert_eq!(events.len(), 3);
     server.settled().await;
-    assert_eq!(remaining(&server, "upstream").await, 5, "refunded");
+    assert_eq!(remaining(server.addr, "upstream").await, 5, "refunded");
 
-    let (h, b) = ask(server.addr, ASK, &q("please fail"), &auth).await;
+    let (h, b) = ask(server.addr, ASK, &ask_body("please fail"), &auth).await;
     expect_json_error(&h, &b, 502, "UPSTREAM_ERROR", "json");
-    assert_eq!(remaining(&server, "upstream").await, 5, "refunded");
+    assert_eq!(remaining(server.addr, "upstream").await, 5, "refunded");
 
     // A good ask still costs one.
     let (h, b) = ask(server.addr, ASK_STREAM, QUERY, &auth).await;
     expect_stream_done(&h, &b, "good");
-    assert_eq!(remaining(&server, "upstream").await, 4);
+    assert_eq!(remaining(server.addr, "upstream").await, 4);
 }
 
 #[tokio::test]
@@ -793,11 +756,11 @@ async fn upstream_error_when_the_retriever_fails() {
     let events = expect_stream_failed(&h, &b, "UPSTREAM_ERROR", "stream");
     assert_eq!(events.len(), 1, "no tokens: {events:?}");
     server.settled().await;
-    assert_eq!(remaining(&server, "retriever").await, 5, "refunded");
+    assert_eq!(remaining(server.addr, "retriever").await, 5, "refunded");
 
     let (h, b) = ask(server.addr, ASK, QUERY, &auth).await;
     expect_json_error(&h, &b, 502, "UPSTREAM_ERROR", "json");
-    assert_eq!(remaining(&server, "retriever").await, 5, "refunded");
+    assert_eq!(remaining(server.addr, "retriever").await, 5, "refunded");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -816,11 +779,11 @@ async fn upstream_timeout_without_a_first_token() {
     let events = expect_stream_failed(&h, &b, "UPSTREAM_TIMEOUT", "stream");
     assert_eq!(events.len(), 1, "no tokens: {events:?}");
     server.settled().await;
-    assert_eq!(remaining(&server, "ttft").await, 5, "refunded");
+    assert_eq!(remaining(server.addr, "ttft").await, 5, "refunded");
 
     let (h, b) = ask(server.addr, ASK, QUERY, &auth).await;
     expect_json_error(&h, &b, 504, "UPSTREAM_TIMEOUT", "json");
-    assert_eq!(remaining(&server, "ttft").await, 5, "refunded");
+    assert_eq!(remaining(server.addr, "ttft").await, 5, "refunded");
 }
 
 #[tokio::test]
@@ -837,7 +800,7 @@ async fn upstream_timeout_when_the_model_goes_silent_between_tokens() {
 
     let (h, b) = tokio::time::timeout(
         guard,
-        ask(server.addr, ASK_STREAM, &q("stall please"), &auth),
+        ask(server.addr, ASK_STREAM, &ask_body("stall please"), &auth),
     )
     .await
     .expect("the idle deadline ended the stream");
@@ -845,13 +808,16 @@ async fn upstream_timeout_when_the_model_goes_silent_between_tokens() {
     assert_eq!(events[0], json!({"type":"token","token":"Only"}));
     assert_eq!(events.len(), 2);
     server.settled().await;
-    assert_eq!(remaining(&server, "idle").await, 5, "refunded");
+    assert_eq!(remaining(server.addr, "idle").await, 5, "refunded");
 
-    let (h, b) = tokio::time::timeout(guard, ask(server.addr, ASK, &q("stall please"), &auth))
-        .await
-        .expect("the idle deadline ended the answer");
+    let (h, b) = tokio::time::timeout(
+        guard,
+        ask(server.addr, ASK, &ask_body("stall please"), &auth),
+    )
+    .await
+    .expect("the idle deadline ended the answer");
     expect_json_error(&h, &b, 504, "UPSTREAM_TIMEOUT", "json");
-    assert_eq!(remaining(&server, "idle").await, 5, "refunded");
+    assert_eq!(remaining(server.addr, "idle").await, 5, "refunded");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -863,16 +829,16 @@ async fn internal_when_the_generator_panics_and_the_server_keeps_serving() {
     let server = scripted_server(config_with_limit(5)).await;
     let auth = bearer("panic");
 
-    let (h, b) = ask(server.addr, ASK_STREAM, &q("boom"), &auth).await;
+    let (h, b) = ask(server.addr, ASK_STREAM, &ask_body("boom"), &auth).await;
     let events = expect_stream_failed(&h, &b, "INTERNAL", "stream");
     assert_eq!(events[0], json!({"type":"token","token":"Before"}));
     assert_eq!(events.len(), 2);
     server.settled().await;
-    assert_eq!(remaining(&server, "panic").await, 5, "refunded");
+    assert_eq!(remaining(server.addr, "panic").await, 5, "refunded");
 
-    let (h, b) = ask(server.addr, ASK, &q("boom"), &auth).await;
+    let (h, b) = ask(server.addr, ASK, &ask_body("boom"), &auth).await;
     expect_json_error(&h, &b, 500, "INTERNAL", "json");
-    assert_eq!(remaining(&server, "panic").await, 5, "refunded");
+    assert_eq!(remaining(server.addr, "panic").await, 5, "refunded");
 
     // Still serving, in both modes, on new connections.
     let (h, b) = ask(server.addr, ASK_STREAM, QUERY, &auth).await;
@@ -884,5 +850,5 @@ async fn internal_when_the_generator_panics_and_the_server_keeps_serving() {
         serde_json::from_slice::<Value>(&b).unwrap()["answer"],
         "ok ok"
     );
-    assert_eq!(remaining(&server, "panic").await, 3);
+    assert_eq!(remaining(server.addr, "panic").await, 3);
 }

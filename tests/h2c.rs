@@ -1,4 +1,4 @@
-//! HTTP/2 cleartext with prior knowledge (SPEC §1.3): many streaming asks multiplexed on
+//! HTTP/2 cleartext with prior knowledge (contract §1.3): many streaming asks multiplexed on
 //! one connection, JSON mode, a reset stream refunded while its connection lives on, and
 //! HTTP/1.1 and h2c on one port. The client is hyper's own HTTP/2 client on a real socket.
 
@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
-use support::{TestServer, fast_config, parse_sse, quota, stream_ask};
+use support::{TestServer, fast_config, parse_sse, remaining_with_limit, stream_ask};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
@@ -38,12 +38,6 @@ fn config() -> ServiceConfig {
     c.quota_limit = LIMIT as u32;
     support::sim(&mut c).tokens = TOKENS;
     c
-}
-
-async fn remaining(addr: SocketAddr, user: &str) -> u64 {
-    let q = quota(addr, user).await;
-    assert_eq!(q["limit"].as_u64(), Some(LIMIT), "{q}");
-    q["remaining"].as_u64().expect("remaining is a number")
 }
 
 /// An h2c connection (prior knowledge) and the task driving it.
@@ -174,7 +168,7 @@ async fn many_streaming_asks_multiplexed_on_one_connection() {
     let user = "h2-multiplex";
     let server = TestServer::start(config()).await;
     let addr = server.addr;
-    assert_eq!(remaining(addr, user).await, LIMIT);
+    assert_eq!(remaining_with_limit(addr, user, LIMIT).await, LIMIT);
 
     let (sender, conn_task) = h2_connect(addr).await;
     let mut asks = tokio::task::JoinSet::new();
@@ -203,7 +197,10 @@ async fn many_streaming_asks_multiplexed_on_one_connection() {
 
     server.settled().await;
     assert_eq!(server.service.in_flight(), 0);
-    assert_eq!(remaining(addr, user).await, LIMIT - ASKS as u64);
+    assert_eq!(
+        remaining_with_limit(addr, user, LIMIT).await,
+        LIMIT - ASKS as u64
+    );
     assert!(!conn_task.is_finished(), "one connection carried them all");
 }
 
@@ -241,7 +238,7 @@ async fn json_mode_over_h2c_matches_the_streamed_answer() {
 
     server.settled().await;
     assert_eq!(server.service.in_flight(), 0);
-    assert_eq!(remaining(addr, user).await, LIMIT - 2);
+    assert_eq!(remaining_with_limit(addr, user, LIMIT).await, LIMIT - 2);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -308,7 +305,7 @@ async fn a_reset_stream_is_refunded_and_the_connection_lives_on() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.version(), Version::HTTP_2);
     assert_eq!(server.service.in_flight(), 1);
-    assert_eq!(remaining(addr, user).await, LIMIT - 1);
+    assert_eq!(remaining_with_limit(addr, user, LIMIT).await, LIMIT - 1);
 
     // Dropping the response body makes hyper's h2 client reset the stream (RST_STREAM
     // CANCEL); the connection stays open.
@@ -316,7 +313,7 @@ async fn a_reset_stream_is_refunded_and_the_connection_lives_on() {
     server.settled().await;
     assert_eq!(server.service.in_flight(), 0);
     assert_eq!(
-        remaining(addr, user).await,
+        remaining_with_limit(addr, user, LIMIT).await,
         LIMIT,
         "the reset stream was refunded"
     );
@@ -338,7 +335,7 @@ async fn a_reset_stream_is_refunded_and_the_connection_lives_on() {
     let (_, rem) = check_h2_stream(&parts, &body, &expected_tokens(query).await);
     assert_eq!(rem, LIMIT - 1);
     server.settled().await;
-    assert_eq!(remaining(addr, user).await, LIMIT - 1);
+    assert_eq!(remaining_with_limit(addr, user, LIMIT).await, LIMIT - 1);
     assert!(!conn_task.is_finished());
 }
 
@@ -365,7 +362,7 @@ async fn http1_and_h2c_share_one_port() {
     assert_eq!(rem, LIMIT - 2);
 
     server.settled().await;
-    assert_eq!(remaining(addr, user).await, LIMIT - 2);
+    assert_eq!(remaining_with_limit(addr, user, LIMIT).await, LIMIT - 2);
 }
 
 /// A client socket whose first write stops partway through the h2 preface, so the server

@@ -1,4 +1,4 @@
-//! `GET /metrics` (SPEC §1.2) over a real socket: every outcome lands in its series.
+//! `GET /metrics` (contract §1.2) over a real socket: every outcome lands in its series.
 
 mod support;
 

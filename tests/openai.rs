@@ -1,4 +1,4 @@
-//! The `openai` generator (SPEC §4) against a fake OpenAI-compatible upstream, through the
+//! The `openai` generator (contract §4) against a fake OpenAI-compatible upstream, through the
 //! real server and real sockets: what the upstream receives, the exact tokens streamed,
 //! cancellation of the upstream request when the client leaves, every failure with its
 //! code and refund, timeouts, and connection reuse.
@@ -53,23 +53,15 @@ async fn server_with_key(upstream: &FakeUpstream) -> TestServer {
     TestServer::start_with(service).await
 }
 
-fn ask_body() -> String {
-    json!({ "query": QUERY }).to_string()
-}
-
-fn bearer(user: &str) -> String {
-    format!("authorization: Bearer {user}\r\n")
-}
-
 /// A streaming ask: status and events.
 async fn stream(server: &TestServer, user: &str) -> (u16, Vec<Value>) {
-    let (head, body) = ask(server.addr, STREAM, &ask_body(), &bearer(user)).await;
+    let (head, body) = ask(server.addr, STREAM, &ask_body(QUERY), &bearer(user)).await;
     (head.status, parse_sse(&body).0)
 }
 
 /// A JSON-mode ask: status and document.
 async fn json_ask(server: &TestServer, user: &str) -> (u16, Value) {
-    let (head, body) = ask(server.addr, JSON_MODE, &ask_body(), &bearer(user)).await;
+    let (head, body) = ask(server.addr, JSON_MODE, &ask_body(QUERY), &bearer(user)).await;
     (head.status, serde_json::from_slice(&body).unwrap())
 }
 
@@ -82,17 +74,15 @@ fn tokens(events: &[Value]) -> Vec<&str> {
 }
 
 /// The user's quota once every answer has settled or refunded.
-async fn remaining(server: &TestServer, user: &str) -> u64 {
+async fn settled_remaining(server: &TestServer, user: &str) -> u64 {
     server.settled().await;
-    quota(server.addr, user).await["remaining"]
-        .as_u64()
-        .unwrap()
+    remaining(server.addr, user).await
 }
 
 /// Starts a streaming ask on a raw connection and reads the response head.
 async fn start_stream(server: &TestServer, user: &str) -> RawConn {
     let mut c = RawConn::connect(server.addr).await;
-    c.post(STREAM, &ask_body(), &bearer(user)).await;
+    c.post(STREAM, &ask_body(QUERY), &bearer(user)).await;
     let head = c.read_head().await;
     assert_eq!(head.status, 200);
     c
@@ -179,7 +169,7 @@ async fn streams_the_exact_tokens_of_a_quirky_upstream_split_at_every_third_byte
     assert!(!done["sources"].as_array().unwrap().is_empty());
     assert_eq!(done["quotaRemaining"], 19);
     assert_eq!(
-        remaining(&server, "whole").await,
+        settled_remaining(&server, "whole").await,
         19,
         "a delivered answer is kept"
     );
@@ -197,7 +187,7 @@ async fn json_mode_joins_the_same_tokens() {
         doc["usage"],
         json!({ "completionTokens": 10, "promptTokens": 321 })
     );
-    assert_eq!(remaining(&server, "json-whole").await, 19);
+    assert_eq!(settled_remaining(&server, "json-whole").await, 19);
 }
 
 #[tokio::test]
@@ -330,7 +320,11 @@ async fn leaving_before_the_upstream_answers_closes_the_upstream_connection() {
     upstream
         .wait("its connection closing", |c| c.closed == 1)
         .await;
-    assert_eq!(remaining(&server, "leave-head").await, 20, "refunded");
+    assert_eq!(
+        settled_remaining(&server, "leave-head").await,
+        20,
+        "refunded"
+    );
 }
 
 #[tokio::test]
@@ -345,7 +339,7 @@ async fn leaving_before_the_first_token_closes_the_upstream_connection() {
     upstream
         .wait("its connection closing", |c| c.closed == 1)
         .await;
-    assert_eq!(remaining(&server, "leave-ttft").await, 20);
+    assert_eq!(settled_remaining(&server, "leave-ttft").await, 20);
 }
 
 #[tokio::test]
@@ -361,7 +355,7 @@ async fn leaving_after_the_first_token_closes_the_upstream_connection() {
     upstream
         .wait("its connection closing", |c| c.closed == 1)
         .await;
-    assert_eq!(remaining(&server, "leave-mid").await, 20);
+    assert_eq!(settled_remaining(&server, "leave-mid").await, 20);
 }
 
 #[tokio::test]
@@ -371,13 +365,14 @@ async fn a_json_client_leaving_closes_the_upstream_connection() {
     let server = server_for(&upstream, |_| {}).await;
 
     let mut c = RawConn::connect(server.addr).await;
-    c.post(JSON_MODE, &ask_body(), &bearer("leave-json")).await;
+    c.post(JSON_MODE, &ask_body(QUERY), &bearer("leave-json"))
+        .await;
     upstream.wait("the reply hanging", |c| c.hanging == 1).await;
     drop(c);
     upstream
         .wait("its connection closing", |c| c.closed == 1)
         .await;
-    assert_eq!(remaining(&server, "leave-json").await, 20);
+    assert_eq!(settled_remaining(&server, "leave-json").await, 20);
 }
 
 /// On HTTP/2 the client resets one stream and keeps the connection: the upstream request
@@ -397,7 +392,7 @@ async fn an_h2_stream_reset_closes_the_upstream_connection() {
     let req = http::Request::post(format!("http://{}{STREAM}", server.addr))
         .header("content-type", "application/json")
         .header("authorization", "Bearer h2-reset")
-        .body(Full::new(Bytes::from(ask_body())))
+        .body(Full::new(Bytes::from(ask_body(QUERY))))
         .unwrap();
     let res = sender.send_request(req).await.unwrap();
     assert_eq!(res.status(), 200);
@@ -417,7 +412,7 @@ async fn an_h2_stream_reset_closes_the_upstream_connection() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(sender.send_request(health).await.unwrap().status(), 200);
-    assert_eq!(remaining(&server, "h2-reset").await, 20);
+    assert_eq!(settled_remaining(&server, "h2-reset").await, 20);
 }
 
 #[tokio::test]
@@ -460,14 +455,22 @@ async fn assert_fails(reply: Reply, code: &str, fragment: &str) -> Vec<Value> {
         "{message:?} mentions {fragment:?}"
     );
     assert!(!message.contains(KEY), "the key leaked: {message}");
-    assert_eq!(remaining(&server, "fail-stream").await, 20, "refunded");
+    assert_eq!(
+        settled_remaining(&server, "fail-stream").await,
+        20,
+        "refunded"
+    );
 
     let (json_status, doc) = json_ask(&server, "fail-json").await;
     assert_eq!(json_status, status);
     assert_eq!(doc["type"], "error");
     assert_eq!(doc["code"], code);
     assert_eq!(doc["message"].as_str().unwrap(), message);
-    assert_eq!(remaining(&server, "fail-json").await, 20, "refunded");
+    assert_eq!(
+        settled_remaining(&server, "fail-json").await,
+        20,
+        "refunded"
+    );
     events
 }
 
@@ -532,10 +535,10 @@ async fn a_refused_connection_is_upstream_error() {
             .starts_with("cannot connect to the upstream"),
         "{err}"
     );
-    assert_eq!(remaining(&server, "refused").await, 20);
+    assert_eq!(settled_remaining(&server, "refused").await, 20);
     let (status, doc) = json_ask(&server, "refused-json").await;
     assert_eq!((status, &doc["code"]), (502, &json!("UPSTREAM_ERROR")));
-    assert_eq!(remaining(&server, "refused-json").await, 20);
+    assert_eq!(settled_remaining(&server, "refused-json").await, 20);
 }
 
 #[tokio::test]
@@ -613,11 +616,11 @@ async fn no_first_token_in_time_is_upstream_timeout_and_cancels_the_request() {
     upstream
         .wait("its connection closing", |c| c.closed == 1)
         .await;
-    assert_eq!(remaining(&server, "ttft").await, 20);
+    assert_eq!(settled_remaining(&server, "ttft").await, 20);
 
     let (status, doc) = json_ask(&server, "ttft-json").await;
     assert_eq!((status, &doc["code"]), (504, &json!("UPSTREAM_TIMEOUT")));
-    assert_eq!(remaining(&server, "ttft-json").await, 20);
+    assert_eq!(settled_remaining(&server, "ttft-json").await, 20);
 }
 
 #[tokio::test(start_paused = true)]
@@ -631,7 +634,7 @@ async fn a_head_and_a_role_chunk_are_not_a_first_token() {
     upstream
         .wait("its connection closing", |c| c.closed == 1)
         .await;
-    assert_eq!(remaining(&server, "ttft-role").await, 20);
+    assert_eq!(settled_remaining(&server, "ttft-role").await, 20);
 }
 
 #[tokio::test(start_paused = true)]
@@ -652,7 +655,7 @@ async fn a_silent_gap_is_upstream_timeout_and_cancels_the_request() {
     upstream
         .wait("its connection closing", |c| c.closed == 1)
         .await;
-    assert_eq!(remaining(&server, "idle").await, 20);
+    assert_eq!(settled_remaining(&server, "idle").await, 20);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -727,7 +730,7 @@ async fn a_body_that_never_ends_after_done_still_completes_the_answer() {
         .wait("the connection closing", |c| c.closed == 1)
         .await;
     assert_eq!(
-        remaining(&server, "no-end").await,
+        settled_remaining(&server, "no-end").await,
         19,
         "a delivered answer is kept"
     );
@@ -844,7 +847,7 @@ async fn the_binary_sends_the_key_from_the_named_variable_and_never_logs_it() {
         }
     };
 
-    let (head, body) = ask(addr, STREAM, &ask_body(), &bearer("binary")).await;
+    let (head, body) = ask(addr, STREAM, &ask_body(QUERY), &bearer("binary")).await;
     assert_eq!(head.status, 200);
     let events = parse_sse(&body).0;
     assert_eq!(tokens(&events), ["From", " the", " binary"]);

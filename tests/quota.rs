@@ -1,4 +1,4 @@
-//! Quota rules of SPEC §2 through the real server: the `/api/v1/quota` shape, one ask per
+//! Quota rules of contract §2 through the real server: the `/api/v1/quota` shape, one ask per
 //! delivered answer in both modes, who shares a quota (open mode and keys mode), no
 //! overdraft under concurrent asks, no refund of a delivered answer, refunds of failures.
 
@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use askstream::AskService;
 use askstream::pipeline::PipelineError;
-use askstream::{AskService, ServiceConfig};
 use serde_json::{Value, json};
 use support::script::{ScriptGen, Step};
 use support::*;
@@ -19,16 +19,6 @@ const ASK: &str = "/api/v1/ai/ask";
 const ASK_STREAM: &str = "/api/v1/ai/ask?stream=true";
 const QUERY: &str = r#"{"query":"How are quotas refunded?"}"#;
 
-fn bearer(token: &str) -> String {
-    format!("authorization: Bearer {token}\r\n")
-}
-
-fn config_with_limit(limit: u32) -> ServiceConfig {
-    let mut c = fast_config();
-    c.quota_limit = limit;
-    c
-}
-
 /// GET /api/v1/quota on `conn` with optional extra header lines; status must be 200.
 async fn quota_on(mut conn: RawConn, extra: &str) -> Value {
     conn.get("/api/v1/quota", extra).await;
@@ -36,12 +26,6 @@ async fn quota_on(mut conn: RawConn, extra: &str) -> Value {
     let body = conn.read_body(&head).await;
     assert_eq!(head.status, 200, "{}", String::from_utf8_lossy(&body));
     serde_json::from_slice(&body).unwrap()
-}
-
-async fn remaining(server: &TestServer, token: &str) -> u64 {
-    quota(server.addr, token).await["remaining"]
-        .as_u64()
-        .expect("remaining is a number")
 }
 
 /// A complete streaming answer's `done` event (asserting the stream is complete).
@@ -151,7 +135,7 @@ async fn quota_endpoint_shape_and_one_ask_per_delivered_answer_in_both_modes() {
         assert_eq!(v["limit"], 6);
     }
     server.settled().await;
-    assert_eq!(remaining(&server, "shape").await, 1);
+    assert_eq!(remaining(server.addr, "shape").await, 1);
 }
 
 #[tokio::test]
@@ -160,9 +144,9 @@ async fn open_mode_bearer_tokens_have_separate_quotas() {
     assert_eq!(ask_ok(&server, true, &bearer("alpha")).await, 4);
     assert_eq!(ask_ok(&server, false, &bearer("alpha")).await, 3);
     assert_eq!(ask_ok(&server, true, &bearer("beta")).await, 4);
-    assert_eq!(remaining(&server, "alpha").await, 3);
-    assert_eq!(remaining(&server, "beta").await, 4);
-    assert_eq!(remaining(&server, "gamma").await, 5);
+    assert_eq!(remaining(server.addr, "alpha").await, 3);
+    assert_eq!(remaining(server.addr, "beta").await, 4);
+    assert_eq!(remaining(server.addr, "gamma").await, 5);
     // Bearer users are not the client IP's quota.
     let v = quota_on(RawConn::connect(server.addr).await, "").await;
     assert_eq!(v["remaining"], 5);
@@ -200,7 +184,7 @@ async fn open_mode_without_a_bearer_token_the_client_ip_is_the_user() {
     let b = c.read_body(&h).await;
     assert_eq!(json_of(&h, &b)["quotaRemaining"], 4);
     // A token from the same address is its own user too.
-    assert_eq!(remaining(&server, "someone").await, 5);
+    assert_eq!(remaining(server.addr, "someone").await, 5);
     let v = quota_on(RawConn::connect_from(server.addr, one).await, "").await;
     assert_eq!(v["remaining"], 3);
 }
@@ -272,14 +256,14 @@ async fn keys_mode_per_key_limit_and_keys_of_one_user_share_a_quota() {
         (Some(20), Some(20))
     );
     assert_eq!(ask_ok(&server, true, &bearer("k-alice-1")).await, 19);
-    assert_eq!(remaining(&server, "k-alice-2").await, 19);
+    assert_eq!(remaining(server.addr, "k-alice-2").await, 19);
     assert_eq!(ask_ok(&server, false, &bearer("k-alice-2")).await, 18);
     assert_eq!(ask_ok(&server, true, &bearer("k-alice-2")).await, 17);
-    assert_eq!(remaining(&server, "k-alice-1").await, 17);
+    assert_eq!(remaining(server.addr, "k-alice-1").await, 17);
     // Carol's use did not touch alice's, nor alice's carol's.
-    assert_eq!(remaining(&server, "k-carol").await, 0);
+    assert_eq!(remaining(server.addr, "k-carol").await, 0);
     server.settled().await;
-    assert_eq!(remaining(&server, "k-alice-1").await, 17);
+    assert_eq!(remaining(server.addr, "k-alice-1").await, 17);
 }
 
 /// `n` asks from one user on `n` connections, released together by a barrier.
@@ -347,9 +331,9 @@ async fn no_overdraft(streaming: bool) {
     remainings.sort_unstable();
     assert_eq!(remainings, (0..LIMIT).collect::<Vec<_>>());
 
-    assert_eq!(remaining(&server, "racer").await, 0);
+    assert_eq!(remaining(server.addr, "racer").await, 0);
     server.settled().await;
-    assert_eq!(remaining(&server, "racer").await, 0, "nothing refunded");
+    assert_eq!(remaining(server.addr, "racer").await, 0, "nothing refunded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,10 +354,10 @@ async fn delivered_answers_are_never_refunded() {
         let (h, b) = ask(server.addr, ASK_STREAM, QUERY, &auth).await;
         let done = done_of(&h, &b);
         assert_eq!(done["quotaRemaining"], 10 - k);
-        assert_eq!(remaining(&server, "kept").await, 10 - k);
+        assert_eq!(remaining(server.addr, "kept").await, 10 - k);
     }
     server.settled().await;
-    assert_eq!(remaining(&server, "kept").await, 6);
+    assert_eq!(remaining(server.addr, "kept").await, 6);
     // The same on one keep-alive connection, JSON and streaming in turn.
     let mut c = RawConn::connect(server.addr).await;
     for (i, path) in [ASK, ASK_STREAM, ASK].into_iter().enumerate() {
@@ -388,7 +372,7 @@ async fn delivered_answers_are_never_refunded() {
         assert_eq!(v["quotaRemaining"], 6 - (i as u64 + 1));
     }
     server.settled().await;
-    assert_eq!(remaining(&server, "kept").await, 3);
+    assert_eq!(remaining(server.addr, "kept").await, 3);
 }
 
 /// Fails for queries containing `fail`, panics for `boom`, answers otherwise.
@@ -459,5 +443,5 @@ async fn a_mix_of_delivered_and_failed_asks_costs_only_the_delivered_ones() {
     }
     server.settled().await;
     assert_eq!(delivered, 4);
-    assert_eq!(remaining(&server, "mixed").await, 10 - delivered);
+    assert_eq!(remaining(server.addr, "mixed").await, 10 - delivered);
 }

@@ -1,4 +1,4 @@
-//! Graceful shutdown (SPEC §1.3, §2): drain, grace period, stop, refunds, exit code —
+//! Graceful shutdown (contract §1.3, §2): drain, grace period, stop, refunds, exit code —
 //! against the real server over real sockets, and the real binary for the signal.
 //!
 //! The in-process tests run under a paused Tokio clock (see `tests/timing.rs`): the
@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use askstream::ServiceConfig;
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -21,62 +21,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const QUERY: &str = "how does graceful shutdown work";
 
-fn config(f: impl FnOnce(&mut ServiceConfig)) -> ServiceConfig {
-    let mut c = fast_config();
-    f(&mut c);
-    c
-}
-
-fn ask_body(query: &str) -> String {
-    json!({ "query": query }).to_string()
-}
-
-fn bearer(user: &str) -> String {
-    format!("authorization: Bearer {user}\r\n")
-}
-
-/// The data events of an SSE body, insisting on the wire format (`data: <json>\n\n`
-/// frames, `: keep-alive\n\n` comments, nothing else). Comments are dropped.
-fn events(body: &[u8]) -> Vec<Value> {
-    let text = std::str::from_utf8(body).expect("the stream is UTF-8");
-    assert!(
-        text.is_empty() || text.ends_with("\n\n"),
-        "the last frame is complete: {text:?}"
-    );
-    text.split_terminator("\n\n")
-        .filter(|frame| *frame != ": keep-alive")
-        .map(|frame| {
-            let json = frame
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not a data frame: {frame:?}"));
-            assert!(!json.contains('\n'), "one line per event: {frame:?}");
-            serde_json::from_str(json).expect("each event is one JSON value")
-        })
-        .collect()
-}
-
 fn count(events: &[Value], kind: &str) -> usize {
     events.iter().filter(|e| e["type"] == kind).count()
-}
-
-fn assert_error_event(e: &Value, code: &str) {
-    assert_eq!(e["type"], "error", "{e}");
-    assert_eq!(e["code"], code, "{e}");
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
 }
 
 /// Opens a streaming ask and reads its head (200: charged, answer running).
 async fn open_stream(addr: SocketAddr, user: &str) -> RawConn {
     let mut c = RawConn::connect(addr).await;
-    c.post(
-        "/api/v1/ai/ask?stream=true",
-        &ask_body(QUERY),
-        &bearer(user),
-    )
-    .await;
-    let head = c.read_head().await;
-    assert_eq!(head.status, 200);
-    assert_eq!(head.header("content-type"), Some("text/event-stream"));
+    c.start_stream(QUERY, user).await;
     c
 }
 
@@ -84,13 +36,7 @@ async fn open_stream(addr: SocketAddr, user: &str) -> RawConn {
 async fn finish_stream(c: &mut RawConn) -> Vec<Value> {
     let (body, complete) = c.read_chunked_body().await;
     assert!(complete, "the chunked body ends with its last chunk");
-    events(&body)
-}
-
-/// The user's remaining quota, read from the service's own store (works after the
-/// server has stopped listening).
-async fn remaining_in_store(server: &TestServer, user: &str, limit: u32) -> u32 {
-    server.remaining_in_store(user, limit)
+    data_events(&body)
 }
 
 /// Awaits the serve task; the bound is far beyond the grace period and the final flush,
@@ -106,12 +52,7 @@ async fn serve_returns(task: tokio::task::JoinHandle<()>) {
 /// A refused connect, a reset, or EOF before any response byte is `None`.
 async fn try_ask(addr: SocketAddr, user: &str) -> Option<u16> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let body = ask_body(QUERY);
-    let req = format!(
-        "POST /api/v1/ai/ask?stream=true HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n{}content-length: {}\r\n\r\n{body}",
-        bearer(user),
-        body.len()
-    );
+    let req = stream_ask_request(QUERY, user);
     // The write may succeed into a connection the kernel then resets.
     let _ = stream.write_all(req.as_bytes()).await;
     let mut got = Vec::new();
@@ -145,7 +86,7 @@ async fn draining_refuses_new_connections_and_lets_live_streams_finish() {
     const STREAMS: usize = 5;
     const TOKENS: usize = 20;
     let limit = 20;
-    let mut server = TestServer::start(config(|c| {
+    let mut server = TestServer::start(fast_config_with(|c| {
         support::sim(c).tokens = TOKENS as u32;
         support::sim(c).token_interval = Duration::from_millis(100);
         c.shutdown_grace = Duration::from_secs(30);
@@ -187,7 +128,7 @@ async fn draining_refuses_new_connections_and_lets_live_streams_finish() {
 
     serve_returns(serve).await;
     assert_eq!(
-        remaining_in_store(&server, user, limit).await,
+        server.remaining_in_store(user, limit),
         limit - STREAMS as u32,
         "delivered answers keep their charge"
     );
@@ -199,7 +140,7 @@ async fn draining_refuses_new_connections_and_lets_live_streams_finish() {
 async fn answers_still_running_after_the_grace_period_end_with_shutting_down() {
     const STREAMS: usize = 3;
     let limit = 20;
-    let mut server = TestServer::start(config(|c| {
+    let mut server = TestServer::start(fast_config_with(|c| {
         // A model that would think for an hour.
         support::sim(c).ttft = Duration::from_millis(3_600_000);
         c.ttft_timeout = Duration::from_millis(7_200_000);
@@ -222,11 +163,11 @@ async fn answers_still_running_after_the_grace_period_end_with_shutting_down() {
     for c in &mut conns {
         let events = finish_stream(c).await;
         assert_eq!(events.len(), 1, "no token, just the error: {events:?}");
-        assert_error_event(&events[0], "SHUTTING_DOWN");
+        assert_error_object(&events[0], "SHUTTING_DOWN", "the error event");
     }
     serve_returns(serve).await;
     assert_eq!(
-        remaining_in_store(&server, user, limit).await,
+        server.remaining_in_store(user, limit),
         limit,
         "every cut answer refunded"
     );
@@ -269,7 +210,7 @@ async fn healthz_turns_503_while_draining() {
     .await;
     assert_eq!(head.status, 503);
     let err: Value = serde_json::from_slice(&body).unwrap();
-    assert_error_event(&err, "SHUTTING_DOWN");
+    assert_error_object(&err, "SHUTTING_DOWN", "the JSON body");
     assert_eq!(quota(server.addr, user).await["remaining"], before);
 
     drop((kept, fresh));
@@ -288,43 +229,13 @@ enum Seen {
     Refused,
 }
 
-/// Reads a chunked body strictly: hex size line, data, CRLF, …, `0\r\n\r\n`, no
-/// trailers, nothing after. `None` if the body was cut before its last chunk.
-fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&raw[..line_end]).unwrap(), 16)
-            .expect("a hex chunk size");
-        raw = &raw[line_end + 2..];
-        if size == 0 {
-            assert_eq!(
-                raw, b"\r\n",
-                "the last chunk ends the body, nothing follows"
-            );
-            return Some(body);
-        }
-        if raw.len() < size + 2 {
-            return None;
-        }
-        body.extend_from_slice(&raw[..size]);
-        assert_eq!(&raw[size..size + 2], b"\r\n", "chunk data ends with CRLF");
-        raw = &raw[size + 2..];
-    }
-}
-
 /// One streaming ask racing the shutdown. Reads until the server closes the connection,
 /// which graceful shutdown does to every connection once its response is complete.
 async fn racing_ask(addr: SocketAddr, user: String, tokens: usize) -> Seen {
     let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
         return Seen::Refused;
     };
-    let body = ask_body(QUERY);
-    let req = format!(
-        "POST /api/v1/ai/ask?stream=true HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n{}content-length: {}\r\n\r\n{body}",
-        bearer(&user),
-        body.len()
-    );
+    let req = stream_ask_request(QUERY, &user);
     let _ = stream.write_all(req.as_bytes()).await;
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
@@ -348,9 +259,9 @@ async fn racing_ask(addr: SocketAddr, user: String, tokens: usize) -> Seen {
     let payload = &raw[head_end..];
     if head.starts_with("http/1.1 503 ") {
         // Admission saw the drain: not charged, one error in SSE form.
-        let events = events(payload);
+        let events = data_events(payload);
         assert_eq!(events.len(), 1, "{events:?}");
-        assert_error_event(&events[0], "SHUTTING_DOWN");
+        assert_error_object(&events[0], "SHUTTING_DOWN", "the error event");
         return Seen::Refused;
     }
     assert!(head.starts_with("http/1.1 200 "), "{head}");
@@ -359,7 +270,7 @@ async fn racing_ask(addr: SocketAddr, user: String, tokens: usize) -> Seen {
         "{head}"
     );
     let body = dechunk(payload).expect("the body ends with its last chunk");
-    let events = events(&body);
+    let events = data_events(&body);
     let last = events.last().expect("at least one event");
     let streamed = count(&events, "token");
     assert_eq!(streamed + 1, events.len(), "tokens, then one final event");
@@ -367,7 +278,7 @@ async fn racing_ask(addr: SocketAddr, user: String, tokens: usize) -> Seen {
         assert_eq!(streamed, tokens, "a done answer has every token");
         Seen::Done
     } else {
-        assert_error_event(last, "SHUTTING_DOWN");
+        assert_error_object(last, "SHUTTING_DOWN", "the error event");
         // Every token may have gone out: the stop can land after the generator finished
         // and before the body yielded `done`. That answer was not delivered whole.
         assert!(streamed <= tokens);
@@ -400,7 +311,7 @@ async fn race(config: ServiceConfig, gap: Duration, tokens: usize) -> (Vec<Seen>
         seen.push(outcome.expect("client task"));
     }
     serve_returns(serve).await;
-    let kept = limit - remaining_in_store(&server, user, limit).await;
+    let kept = limit - server.remaining_in_store(user, limit);
     (seen, kept)
 }
 
@@ -416,7 +327,7 @@ fn tally(seen: &[Seen], which: Seen) -> usize {
 #[tokio::test(start_paused = true)]
 async fn shutdown_racing_live_streams_keeps_exactly_the_delivered_charges() {
     const TOKENS: usize = 20;
-    let config = config(|c| {
+    let config = fast_config_with(|c| {
         support::sim(c).ttft = Duration::from_millis(200);
         support::sim(c).token_interval = Duration::from_millis(100);
         support::sim(c).tokens = TOKENS as u32;
@@ -440,7 +351,7 @@ async fn shutdown_racing_live_streams_keeps_exactly_the_delivered_charges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_racing_live_streams_on_many_threads() {
     const TOKENS: usize = 20;
-    let config = config(|c| {
+    let config = fast_config_with(|c| {
         support::sim(c).ttft = Duration::from_millis(5);
         support::sim(c).token_interval = Duration::from_millis(5);
         support::sim(c).tokens = TOKENS as u32;
@@ -544,7 +455,7 @@ async fn the_binary_exits_0_on_sigterm() {
 
     let events = finish_stream(&mut c).await;
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_error_event(&events[0], "SHUTTING_DOWN");
+    assert_error_object(&events[0], "SHUTTING_DOWN", "the error event");
 
     // Wait for the exit, bounded (the grace period is 1 s).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

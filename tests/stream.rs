@@ -1,16 +1,12 @@
-//! The streaming and JSON contract (SPEC §1.1) over a real socket.
+//! The streaming and JSON contract (contract §1.1) over a real socket.
 
 mod support;
 
 use askstream::sse::decode::{Decoder, Item};
 use serde_json::Value;
-use support::{RawConn, TestServer, answer_text, ask, fast_config, parse_sse};
+use support::{RawConn, TestServer, answer_text, ask, ask_body, fast_config, parse_sse};
 
 const ASK_STREAM: &str = "/api/v1/ai/ask?stream=true";
-
-fn body(query: &str) -> String {
-    serde_json::json!({ "query": query }).to_string()
-}
 
 #[tokio::test]
 async fn stream_headers_events_and_done() {
@@ -20,7 +16,7 @@ async fn stream_headers_events_and_done() {
     let (head, raw) = ask(
         server.addr,
         ASK_STREAM,
-        &body("How do quota refunds work?"),
+        &ask_body("How do quota refunds work?"),
         "accept-encoding: gzip, br\r\n",
     )
     .await;
@@ -93,7 +89,7 @@ async fn json_answer_equals_the_streamed_tokens() {
     let mut config = fast_config();
     support::sim(&mut config).tokens = 40;
     let server = TestServer::start(config).await;
-    let q = body("How do I put askstream behind nginx?");
+    let q = ask_body("How do I put askstream behind nginx?");
     let (_, raw) = ask(server.addr, ASK_STREAM, &q, "").await;
     let (events, _) = parse_sse(&raw);
     let streamed = answer_text(&events);
@@ -115,7 +111,7 @@ async fn json_answer_equals_the_streamed_tokens() {
 #[tokio::test]
 async fn answers_are_deterministic_and_tokens_keep_their_order() {
     let server = TestServer::start(fast_config()).await;
-    let q = body("What does SLOW_CLIENT mean?");
+    let q = ask_body("What does SLOW_CLIENT mean?");
     let (_, a) = ask(server.addr, ASK_STREAM, &q, "").await;
     let (_, b) = ask(server.addr, "/api/v1/ai/ask?stream=1", &q, "").await;
     let tokens = |raw: &[u8]| -> Vec<Value> {
@@ -137,7 +133,7 @@ async fn multibyte_text_survives() {
     let (_, raw) = ask(
         server.addr,
         ASK_STREAM,
-        &body("naïve café 日本語 internationalisation"),
+        &ask_body("naïve café 日本語 internationalisation"),
         "",
     )
     .await;
@@ -165,7 +161,7 @@ async fn keep_alive_serves_asks_back_to_back() {
     let server = TestServer::start(fast_config()).await;
     let mut conn = RawConn::connect(server.addr).await;
     for i in 0..3 {
-        conn.post(ASK_STREAM, &body("heartbeat"), "").await;
+        conn.post(ASK_STREAM, &ask_body("heartbeat"), "").await;
         let head = conn.read_head().await;
         assert_eq!(head.status, 200, "ask {i}");
         let (events, _) = parse_sse(&conn.read_body(&head).await);
@@ -182,7 +178,7 @@ async fn keep_alive_serves_asks_back_to_back() {
 #[tokio::test]
 async fn decoder_agrees_with_the_simplest_parser_at_every_split() {
     let server = TestServer::start(fast_config()).await;
-    let (_, raw) = ask(server.addr, ASK_STREAM, &body("load testing TTFT"), "").await;
+    let (_, raw) = ask(server.addr, ASK_STREAM, &ask_body("load testing TTFT"), "").await;
     let (expected, _) = parse_sse(&raw);
     for split in 0..=raw.len() {
         let mut decoder = Decoder::new();

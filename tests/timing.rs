@@ -1,5 +1,5 @@
 //! Timing: heartbeats, first-token and idle timeouts, slow clients and backpressure
-//! (SPEC §1.1, §1.3, §2), against the real server over real sockets.
+//! (contract §1.1, §1.3, §2), against the real server over real sockets.
 //!
 //! The `start_paused` tests run the server in the test's own current-thread runtime. Every
 //! timer involved (the answer's deadlines, the sim's pacing, hyper's) is a Tokio timer, so
@@ -16,9 +16,9 @@ mod support;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use askstream::AskService;
 use askstream::pipeline::{BoxFuture, Passage, PipelineError, Retriever};
-use askstream::{AskService, ServiceConfig};
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::script::{ScriptGen, Step};
 use support::*;
 use tokio::io::AsyncReadExt;
@@ -26,47 +26,6 @@ use tokio::io::AsyncReadExt;
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// One SSE frame as it appeared on the wire.
-#[derive(Debug, Clone, PartialEq)]
-enum Frame {
-    /// Exactly `: keep-alive\n\n`.
-    KeepAlive,
-    /// Exactly `data: <one-line JSON object>\n\n`.
-    Data(Value),
-}
-
-/// Splits an SSE body into frames, insisting on the exact wire format: every frame is
-/// either `: keep-alive\n\n` or `data: <one-line JSON object>\n\n`, and nothing else
-/// (no other fields, no stray bytes, no frame cut short at the end).
-fn frames(body: &[u8]) -> Vec<Frame> {
-    let text = std::str::from_utf8(body).expect("the stream is UTF-8");
-    let mut out = Vec::new();
-    let mut rest = text;
-    while !rest.is_empty() {
-        let end = rest
-            .find("\n\n")
-            .unwrap_or_else(|| panic!("an unterminated frame at the end: {rest:?}"));
-        let frame = &rest[..end];
-        rest = &rest[end + 2..];
-        if frame == ": keep-alive" {
-            out.push(Frame::KeepAlive);
-            continue;
-        }
-        let json = frame
-            .strip_prefix("data: ")
-            .unwrap_or_else(|| panic!("not a keep-alive nor a data frame: {frame:?}"));
-        assert!(
-            !json.contains('\n') && !json.contains('\r'),
-            "one line per event: {frame:?}"
-        );
-        let value: Value = serde_json::from_str(json)
-            .unwrap_or_else(|e| panic!("data is one JSON value ({e}): {json:?}"));
-        assert!(value.is_object(), "events are JSON objects: {json}");
-        out.push(Frame::Data(value));
-    }
-    out
-}
 
 /// Each frame as a word, for exact assertions: `hb`, `token`, `done`, `error:<CODE>`.
 fn shape(frames: &[Frame]) -> Vec<String> {
@@ -105,18 +64,6 @@ fn token_text(frames: &[Frame]) -> String {
         .collect()
 }
 
-/// Asserts `v` is exactly an error object with `code`: `{"type":"error","code","message"}`.
-fn assert_error_object(v: &Value, code: &str) {
-    let obj = v.as_object().expect("an object");
-    assert_eq!(obj.len(), 3, "exactly type, code, message: {v}");
-    assert_eq!(v["type"], "error", "{v}");
-    assert_eq!(v["code"], code, "{v}");
-    assert!(
-        v["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "a human message: {v}"
-    );
-}
-
 fn last_data(frames: &[Frame]) -> &Value {
     match frames.last() {
         Some(Frame::Data(v)) => v,
@@ -124,25 +71,9 @@ fn last_data(frames: &[Frame]) -> &Value {
     }
 }
 
-fn ask_body(query: &str) -> String {
-    json!({ "query": query }).to_string()
-}
-
-fn bearer(user: &str) -> String {
-    format!("authorization: Bearer {user}\r\n")
-}
-
 /// Posts a streaming ask on `c` and checks the SSE response head.
 async fn start_stream(c: &mut RawConn, user: &str, query: &str) {
-    c.post(
-        "/api/v1/ai/ask?stream=true",
-        &ask_body(query),
-        &bearer(user),
-    )
-    .await;
-    let head = c.read_head().await;
-    assert_eq!(head.status, 200);
-    assert_eq!(head.header("content-type"), Some("text/event-stream"));
+    let head = c.start_stream(query, user).await;
     assert_eq!(head.header("transfer-encoding"), Some("chunked"));
 }
 
@@ -166,12 +97,6 @@ async fn json_ask(addr: std::net::SocketAddr, user: &str, query: &str) -> (u16, 
     )
 }
 
-async fn remaining(addr: std::net::SocketAddr, user: &str) -> u64 {
-    quota(addr, user).await["remaining"]
-        .as_u64()
-        .expect("remaining is a number")
-}
-
 /// Waits for every answer started so far to settle or refund. Unlike
 /// `TestServer::settled`, the bound is far beyond any deadline these tests use, so under
 /// a paused clock it cannot fire before the server's own 30 s timers do.
@@ -191,12 +116,6 @@ async fn small_window_conn(addr: std::net::SocketAddr) -> RawConn {
     RawConn::from_stream(socket.connect(addr).await.unwrap())
 }
 
-fn config(f: impl FnOnce(&mut ServiceConfig)) -> ServiceConfig {
-    let mut c = fast_config();
-    f(&mut c);
-    c
-}
-
 const QUERY: &str = "how are quotas refunded";
 
 // ---------------------------------------------------------------------------------------
@@ -208,7 +127,7 @@ const QUERY: &str = "how are quotas refunded";
 /// then flow with no heartbeat between them, and the answer completes.
 #[tokio::test(start_paused = true)]
 async fn heartbeats_fill_a_slow_first_token_then_stop() {
-    let server = TestServer::start(config(|c| {
+    let server = TestServer::start(fast_config_with(|c| {
         support::sim(c).ttft = Duration::from_millis(60_000);
         support::sim(c).token_interval = Duration::from_millis(20);
         support::sim(c).tokens = 8;
@@ -244,7 +163,7 @@ async fn heartbeats_fill_a_slow_first_token_then_stop() {
 /// heartbeat is ever due.
 #[tokio::test(start_paused = true)]
 async fn no_heartbeat_when_tokens_come_every_10s() {
-    let server = TestServer::start(config(|c| {
+    let server = TestServer::start(fast_config_with(|c| {
         support::sim(c).ttft = Duration::from_millis(0);
         support::sim(c).token_interval = Duration::from_millis(10_000);
         support::sim(c).tokens = 6;
@@ -260,7 +179,7 @@ async fn no_heartbeat_when_tokens_come_every_10s() {
 /// the token at 20 s resets the timer before the next one is due).
 #[tokio::test(start_paused = true)]
 async fn one_heartbeat_in_each_20s_gap_between_tokens() {
-    let server = TestServer::start(config(|c| {
+    let server = TestServer::start(fast_config_with(|c| {
         support::sim(c).ttft = Duration::from_millis(0);
         support::sim(c).token_interval = Duration::from_millis(20_000);
         support::sim(c).tokens = 4;
@@ -284,7 +203,7 @@ async fn one_heartbeat_in_each_20s_gap_between_tokens() {
 /// Both asks are refunded.
 #[tokio::test(start_paused = true)]
 async fn first_token_timeout_ends_the_answer_and_refunds() {
-    let server = TestServer::start(config(|c| {
+    let server = TestServer::start(fast_config_with(|c| {
         support::sim(c).ttft = Duration::from_millis(60_000);
         c.ttft_timeout = Duration::from_millis(30_000);
         c.heartbeat = Duration::from_secs(15);
@@ -296,7 +215,7 @@ async fn first_token_timeout_ends_the_answer_and_refunds() {
     // Streaming: a heartbeat at 15 s of silence, then the timeout at 30 s.
     let frames = stream_frames(server.addr, user, QUERY).await;
     assert_eq!(shape(&frames), ["hb", "error:UPSTREAM_TIMEOUT"]);
-    assert_error_object(last_data(&frames), "UPSTREAM_TIMEOUT");
+    assert_error_object(last_data(&frames), "UPSTREAM_TIMEOUT", "the last event");
     server.settled().await;
     assert_eq!(
         remaining(server.addr, user).await,
@@ -307,7 +226,7 @@ async fn first_token_timeout_ends_the_answer_and_refunds() {
     // JSON mode.
     let (status, body) = json_ask(server.addr, user, QUERY).await;
     assert_eq!(status, 504);
-    assert_error_object(&body, "UPSTREAM_TIMEOUT");
+    assert_error_object(&body, "UPSTREAM_TIMEOUT", "the JSON body");
     server.settled().await;
     assert_eq!(
         remaining(server.addr, user).await,
@@ -321,7 +240,7 @@ async fn first_token_timeout_ends_the_answer_and_refunds() {
 /// Refunded, in both modes.
 #[tokio::test(start_paused = true)]
 async fn idle_timeout_after_the_first_token_ends_the_answer_and_refunds() {
-    let server = TestServer::start(config(|c| {
+    let server = TestServer::start(fast_config_with(|c| {
         support::sim(c).ttft = Duration::from_millis(0);
         support::sim(c).token_interval = Duration::from_millis(60_000);
         support::sim(c).tokens = 4;
@@ -334,7 +253,7 @@ async fn idle_timeout_after_the_first_token_ends_the_answer_and_refunds() {
 
     let frames = stream_frames(server.addr, user, QUERY).await;
     assert_eq!(shape(&frames), ["token", "hb", "error:UPSTREAM_TIMEOUT"]);
-    assert_error_object(last_data(&frames), "UPSTREAM_TIMEOUT");
+    assert_error_object(last_data(&frames), "UPSTREAM_TIMEOUT", "the last event");
     server.settled().await;
     assert_eq!(
         remaining(server.addr, user).await,
@@ -344,7 +263,7 @@ async fn idle_timeout_after_the_first_token_ends_the_answer_and_refunds() {
 
     let (status, body) = json_ask(server.addr, user, QUERY).await;
     assert_eq!(status, 504);
-    assert_error_object(&body, "UPSTREAM_TIMEOUT");
+    assert_error_object(&body, "UPSTREAM_TIMEOUT", "the JSON body");
     server.settled().await;
     assert_eq!(
         remaining(server.addr, user).await,
@@ -364,7 +283,7 @@ async fn idle_timeout_after_the_first_token_ends_the_answer_and_refunds() {
 #[tokio::test(start_paused = true)]
 async fn a_client_that_stops_reading_gets_slow_client_and_a_refund() {
     const TOKENS: u32 = 200_000;
-    let server = TestServer::start(config(|c| {
+    let server = TestServer::start(fast_config_with(|c| {
         support::sim(c).ttft = Duration::from_millis(0);
         support::sim(c).token_interval = Duration::from_millis(0);
         // About 8 MB of events: more than the client's 4 KB window, the server's send
@@ -395,7 +314,7 @@ async fn a_client_that_stops_reading_gets_slow_client_and_a_refund() {
     assert!(complete, "the chunked body ends with its last chunk");
     let frames = frames(&body);
     let last = last_data(&frames);
-    assert_error_object(last, "SLOW_CLIENT");
+    assert_error_object(last, "SLOW_CLIENT", "the last event");
     let before_last = &frames[..frames.len() - 1];
     assert!(
         before_last
@@ -421,28 +340,6 @@ async fn a_client_that_stops_reading_gets_slow_client_and_a_refund() {
     );
 }
 
-/// Reads a chunked body strictly: hex size line, data, CRLF, …, `0\r\n\r\n`, no trailers,
-/// nothing after. Returns the data.
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = raw
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("a chunk size line");
-        let size = usize::from_str_radix(std::str::from_utf8(&raw[..line_end]).unwrap(), 16)
-            .expect("a hex chunk size");
-        raw = &raw[line_end + 2..];
-        if size == 0 {
-            assert_eq!(raw, b"\r\n", "the last chunk ends the body");
-            return body;
-        }
-        body.extend_from_slice(&raw[..size]);
-        assert_eq!(&raw[size..size + 2], b"\r\n", "chunk data ends with CRLF");
-        raw = &raw[size + 2..];
-    }
-}
-
 /// A client that reads slowly but steadily (1 KB at a time, yielding in between) through
 /// a 4 KB receive window: the server is held back by backpressure over and over, but the
 /// client never stops draining, so it gets every token, in order, each its own event, and
@@ -456,7 +353,7 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn a_steady_slow_reader_gets_every_token_in_order() {
     const TOKENS: usize = 100_000;
-    let server = TestServer::start(config(|c| {
+    let server = TestServer::start(fast_config_with(|c| {
         support::sim(c).ttft = Duration::from_millis(0);
         support::sim(c).token_interval = Duration::from_millis(0);
         // About 4.5 MB on the wire: more than the kernel can buffer for one connection
@@ -503,7 +400,7 @@ async fn a_steady_slow_reader_gets_every_token_in_order() {
         "{head}"
     );
 
-    let frames = frames(&dechunk(&raw[head_end..]));
+    let frames = frames(&dechunk(&raw[head_end..]).expect("the body ends with its last chunk"));
     assert_eq!(shape(&frames), runs(&[("token", TOKENS), ("done", 1)]));
     assert_eq!(last_data(&frames)["usage"]["completionTokens"], TOKENS);
     assert_eq!(token_text(&frames), answer, "the same text as JSON mode");
@@ -533,7 +430,7 @@ impl Retriever for SlowRetriever {
 /// with heartbeats just like a slow model's: at 15 and 30 s, then the answer.
 #[tokio::test(start_paused = true)]
 async fn heartbeats_fill_a_slow_retrieval() {
-    let service = AskService::builder(config(|c| {
+    let service = AskService::builder(fast_config_with(|c| {
         c.heartbeat = Duration::from_secs(15);
         c.ttft_timeout = Duration::from_millis(120_000);
     }))
@@ -567,7 +464,7 @@ fn stall_then_pause(_: &str) -> Vec<Step> {
 /// client's stall is not counted as the model's (`UPSTREAM_TIMEOUT`).
 #[tokio::test(start_paused = true)]
 async fn a_client_stall_is_not_counted_as_the_model_being_silent() {
-    let service = AskService::builder(config(|c| {
+    let service = AskService::builder(fast_config_with(|c| {
         c.idle_timeout = Duration::from_millis(2000);
         c.slow_client = Duration::from_secs(30);
         c.heartbeat = Duration::from_secs(3600);
@@ -589,7 +486,7 @@ async fn a_client_stall_is_not_counted_as_the_model_being_silent() {
 /// slow-client allowance past the server's exit.
 #[tokio::test(start_paused = true)]
 async fn shutdown_ends_an_answer_waiting_for_room() {
-    let service = AskService::builder(config(|c| {
+    let service = AskService::builder(fast_config_with(|c| {
         c.shutdown_grace = Duration::from_secs(1);
         c.slow_client = Duration::from_secs(3600);
         c.heartbeat = Duration::from_secs(3600);
@@ -608,7 +505,7 @@ async fn shutdown_ends_an_answer_waiting_for_room() {
     answers_finished(&server).await;
     let (body, complete) = c.read_chunked_body().await;
     assert!(complete, "the chunked body ends with its last chunk");
-    assert_error_object(last_data(&frames(&body)), "SHUTTING_DOWN");
+    assert_error_object(last_data(&frames(&body)), "SHUTTING_DOWN", "the last event");
     let limit = server.service.config().quota_limit;
     let after = server.remaining_in_store(user, limit);
     assert_eq!(u64::from(after), before, "refunded");
@@ -618,7 +515,7 @@ async fn shutdown_ends_an_answer_waiting_for_room() {
 /// would turn every answer into `INTERNAL`.
 #[tokio::test(start_paused = true)]
 async fn absurdly_long_deadlines_mean_never() {
-    let server = TestServer::start(config(|c| {
+    let server = TestServer::start(fast_config_with(|c| {
         c.heartbeat = Duration::from_secs(u64::MAX);
         c.ttft_timeout = Duration::from_millis(u64::MAX);
         c.idle_timeout = Duration::from_millis(u64::MAX);

@@ -15,15 +15,6 @@ const STYLE_PATH: &str = "/style.css";
 use askstream::AskService;
 use support::*;
 
-/// Sends raw request bytes on a fresh connection and reads the whole response.
-async fn raw(server: &TestServer, request: &str) -> (Head, Vec<u8>) {
-    let mut c = RawConn::connect(server.addr).await;
-    c.send(request.as_bytes()).await;
-    let head = c.read_head().await;
-    let body = c.read_body(&head).await;
-    (head, body)
-}
-
 async fn get(server: &TestServer, path: &str) -> (Head, String) {
     let (head, body) = raw(server, &format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n")).await;
     assert_eq!(head.status, 200, "GET {path}");

@@ -20,6 +20,18 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// [`fast_config`] with the per-user quota limit set to `limit`.
+pub fn config_with_limit(limit: u32) -> ServiceConfig {
+    fast_config_with(|c| c.quota_limit = limit)
+}
+
+/// [`fast_config`] changed by `f`.
+pub fn fast_config_with(f: impl FnOnce(&mut ServiceConfig)) -> ServiceConfig {
+    let mut c = fast_config();
+    f(&mut c);
+    c
+}
+
 /// A config for tests: instant sim, small and fast everything.
 pub fn fast_config() -> ServiceConfig {
     ServiceConfig {
@@ -144,6 +156,25 @@ impl RawConn {
         }
     }
 
+    /// Connects from a chosen local address (on Linux every 127.0.0.0/8 address is
+    /// loopback), so a test can act as a second client IP.
+    pub async fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> RawConn {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(local, 0)).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        RawConn::from_stream(stream)
+    }
+
+    /// Wraps an already connected stream (e.g. one made with `TcpSocket` to set buffer
+    /// sizes before connecting).
+    pub fn from_stream(stream: TcpStream) -> RawConn {
+        stream.set_nodelay(true).unwrap();
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
     }
@@ -155,6 +186,22 @@ impl RawConn {
             body.len()
         );
         self.send(req.as_bytes()).await;
+    }
+
+    /// Posts a streaming ask for `query` as bearer `user` and reads the response head,
+    /// asserting 200 and `text/event-stream` (the answer is charged and running). The body
+    /// is left to the caller.
+    pub async fn start_stream(&mut self, query: &str, user: &str) -> Head {
+        self.post(
+            "/api/v1/ai/ask?stream=true",
+            &ask_body(query),
+            &bearer(user),
+        )
+        .await;
+        let head = self.read_head().await;
+        assert_eq!(head.status, 200);
+        assert_eq!(head.header("content-type"), Some("text/event-stream"));
+        head
     }
 
     pub async fn get(&mut self, path: &str, extra: &str) {
@@ -267,11 +314,12 @@ impl RawConn {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+/// The first position of `needle` in `hay`.
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The simplest frontend parser, as SPEC §1.1 promises works: split on a blank line, keep
+/// The simplest frontend parser, as contract §1.1 promises works: split on a blank line, keep
 /// lines starting with `data: `, parse each as JSON. Comments are returned as strings.
 pub fn parse_sse(body: &[u8]) -> (Vec<Value>, Vec<String>) {
     let text = std::str::from_utf8(body).expect("the stream is UTF-8");
@@ -307,55 +355,184 @@ pub async fn ask(addr: SocketAddr, path: &str, body: &str, extra: &str) -> (Head
     (head, body)
 }
 
+/// Sends raw request bytes on a fresh connection and reads the whole response, for
+/// requests [`RawConn::post`] cannot write (odd methods, headers or framing).
+pub async fn raw(server: &TestServer, request: impl AsRef<[u8]>) -> (Head, Vec<u8>) {
+    let mut c = RawConn::connect(server.addr).await;
+    c.send(request.as_ref()).await;
+    let head = c.read_head().await;
+    let body = c.read_body(&head).await;
+    (head, body)
+}
+
 /// A streaming ask with the given bearer token; returns head and events.
-pub async fn stream_ask(addr: SocketAddr, query: &str, bearer: &str) -> (Head, Vec<Value>) {
-    let body = serde_json::json!({ "query": query }).to_string();
+pub async fn stream_ask(addr: SocketAddr, query: &str, token: &str) -> (Head, Vec<Value>) {
     let (head, raw) = ask(
         addr,
         "/api/v1/ai/ask?stream=true",
-        &body,
-        &format!("authorization: Bearer {bearer}\r\n"),
+        &ask_body(query),
+        &bearer(token),
     )
     .await;
     (head, parse_sse(&raw).0)
 }
 
 /// GET /api/v1/quota for a bearer token.
-pub async fn quota(addr: SocketAddr, bearer: &str) -> Value {
+pub async fn quota(addr: SocketAddr, token: &str) -> Value {
     let mut c = RawConn::connect(addr).await;
-    c.get(
-        "/api/v1/quota",
-        &format!("authorization: Bearer {bearer}\r\n"),
-    )
-    .await;
+    c.get("/api/v1/quota", &bearer(token)).await;
     let head = c.read_head().await;
     assert_eq!(head.status, 200);
     serde_json::from_slice(&c.read_body(&head).await).unwrap()
 }
 
-impl RawConn {
-    /// Connects from a chosen local address (on Linux every 127.0.0.0/8 address is
-    /// loopback), so a test can act as a second client IP.
-    pub async fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> RawConn {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(local, 0)).unwrap();
-        let stream = socket.connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        RawConn {
-            stream,
-            buf: Vec::new(),
-        }
-    }
+// ---------------------------------------------------------------------------------------
+// Requests
+// ---------------------------------------------------------------------------------------
+
+/// The `authorization` header line (with its CRLF) for a bearer token; in open mode the
+/// token is the user, so each test picks its own to get its own quota.
+pub fn bearer(token: &str) -> String {
+    format!("authorization: Bearer {token}\r\n")
 }
 
-impl RawConn {
-    /// Wraps an already connected stream (e.g. one made with `TcpSocket` to set buffer
-    /// sizes before connecting).
-    pub fn from_stream(stream: TcpStream) -> RawConn {
-        stream.set_nodelay(true).unwrap();
-        RawConn {
-            stream,
-            buf: Vec::new(),
+/// An ask request body with just a query.
+pub fn ask_body(query: &str) -> String {
+    serde_json::json!({ "query": query }).to_string()
+}
+
+/// The bytes of a whole streaming-ask request for `query` as bearer `user`, for tests
+/// that drive a bare socket (to see resets and EOF that [`RawConn`] would assert on).
+pub fn stream_ask_request(query: &str, user: &str) -> String {
+    let body = ask_body(query);
+    format!(
+        "POST /api/v1/ai/ask?stream=true HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n{}content-length: {}\r\n\r\n{body}",
+        bearer(user),
+        body.len()
+    )
+}
+
+/// `user`'s remaining quota, as `GET /api/v1/quota` reports it.
+pub async fn remaining(addr: SocketAddr, user: &str) -> u64 {
+    quota(addr, user).await["remaining"]
+        .as_u64()
+        .expect("remaining is a number")
+}
+
+/// [`remaining`], also asserting the reported limit, for suites that start every user
+/// at a known `limit`.
+pub async fn remaining_with_limit(addr: SocketAddr, user: &str, limit: u64) -> u64 {
+    let q = quota(addr, user).await;
+    assert_eq!(q["limit"].as_u64(), Some(limit), "{q}");
+    q["remaining"].as_u64().expect("remaining is a number")
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding what the server wrote, independently of hyper and of the crate's encoder
+// ---------------------------------------------------------------------------------------
+
+/// Decodes as much of a raw chunked body as arrived (hex size line, data, CRLF, …,
+/// `0\r\n`): the data so far, including a cut last chunk's partial data, and, if the
+/// last-chunk line arrived, the bytes after it. For clients that leave mid-response.
+pub fn dechunk_prefix(mut raw: &[u8]) -> (Vec<u8>, Option<&[u8]>) {
+    let mut body = Vec::new();
+    while let Some(line_end) = find(raw, b"\r\n") {
+        let size_text = std::str::from_utf8(&raw[..line_end]).expect("chunk size is ASCII");
+        let size = usize::from_str_radix(size_text, 16).expect("a hex chunk size");
+        let data = &raw[line_end + 2..];
+        if size == 0 {
+            return (body, Some(data));
         }
+        body.extend_from_slice(&data[..size.min(data.len())]);
+        if data.len() < size + 2 {
+            break;
+        }
+        assert_eq!(&data[size..size + 2], b"\r\n", "chunk data ends with CRLF");
+        raw = &data[size + 2..];
     }
+    (body, None)
+}
+
+/// Reads a raw chunked body strictly: hex size line, data, CRLF, …, `0\r\n\r\n`, no
+/// trailers, nothing after. `None` if the body was cut before its last chunk.
+pub fn dechunk(raw: &[u8]) -> Option<Vec<u8>> {
+    let (body, Some(rest)) = dechunk_prefix(raw) else {
+        return None;
+    };
+    assert_eq!(
+        rest, b"\r\n",
+        "the last chunk ends the body, nothing follows"
+    );
+    Some(body)
+}
+
+/// One SSE frame as it appeared on the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// Exactly `: keep-alive\n\n`, the only comment the server sends.
+    KeepAlive,
+    /// Exactly `data: <one-line JSON object>\n\n`.
+    Data(Value),
+}
+
+/// The strict SSE parser: splits a body into frames, insisting on the exact wire format.
+/// Every frame is either `: keep-alive\n\n` or `data: <one-line JSON object>\n\n`, and
+/// nothing else (no other fields or comments, no stray bytes, no frame cut short at the
+/// end); anything else fails the test. Unlike [`parse_sse`] (what a naive frontend does),
+/// this is for asserting exactly what the server wrote.
+pub fn frames(body: &[u8]) -> Vec<Frame> {
+    let text = std::str::from_utf8(body).expect("the stream is UTF-8");
+    let mut out = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let end = rest
+            .find("\n\n")
+            .unwrap_or_else(|| panic!("an unterminated frame at the end: {rest:?}"));
+        let frame = &rest[..end];
+        rest = &rest[end + 2..];
+        if frame == ": keep-alive" {
+            out.push(Frame::KeepAlive);
+            continue;
+        }
+        let json = frame
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("not a keep-alive nor a data frame: {frame:?}"));
+        assert!(
+            !json.contains('\n') && !json.contains('\r'),
+            "one line per event: {frame:?}"
+        );
+        let value: Value = serde_json::from_str(json)
+            .unwrap_or_else(|e| panic!("data is one JSON value ({e}): {json:?}"));
+        assert!(value.is_object(), "events are JSON objects: {json}");
+        out.push(Frame::Data(value));
+    }
+    out
+}
+
+/// The data events of a body parsed by [`frames`] (so just as strictly); keep-alives are
+/// dropped.
+pub fn data_events(body: &[u8]) -> Vec<Value> {
+    frames(body)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Data(v) => Some(v),
+            Frame::KeepAlive => None,
+        })
+        .collect()
+}
+
+/// Asserts `v` is exactly an error object with `code` (contract §1.1): the keys `type`,
+/// `code`, `message` and no others, `type` is `error`, and the message is not blank.
+/// `ctx` names the case in failure messages.
+pub fn assert_error_object(v: &Value, code: &str, ctx: &str) {
+    let obj = v
+        .as_object()
+        .unwrap_or_else(|| panic!("{ctx}: not an object: {v}"));
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "message", "type"], "{ctx}: {v}");
+    assert_eq!(v["type"], "error", "{ctx}: {v}");
+    assert_eq!(v["code"], code, "{ctx}: {v}");
+    let message = v["message"].as_str().expect("message is a string");
+    assert!(!message.trim().is_empty(), "{ctx}: empty message: {v}");
 }
