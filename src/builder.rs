@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::answer::Pipeline;
 use crate::auth::{Auth, KeysError};
-use crate::config::{GeneratorConfig, InvalidConfig, ServiceConfig};
+use crate::config::{GeneratorConfig, InvalidConfig, QuotaStoreConfig, ServiceConfig};
 use crate::pipeline::bm25::Bm25Index;
 use crate::pipeline::openai::{self, OpenAiGenerator};
 use crate::pipeline::sim::SimGenerator;
@@ -133,9 +133,38 @@ impl Builder {
                 Arc::new(OpenAiGenerator::new(upstream.clone()).map_err(StartupError::Upstream)?)
             }
         };
-        let quota = quota.unwrap_or_else(|| Arc::new(QuotaMap::new(config.quota_window)) as Arc<_>);
+        let quota = match quota {
+            Some(q) => q,
+            None => store(&config)?,
+        };
         let pipeline = Pipeline::new(retriever, generator, shutdown, &config);
         Ok(AskService::assemble(config, auth, quota, pipeline))
+    }
+}
+
+/// The quota store `config.quota_store` names.
+fn store(config: &ServiceConfig) -> Result<Arc<dyn QuotaStore>, StartupError> {
+    match &config.quota_store {
+        QuotaStoreConfig::Memory => Ok(Arc::new(QuotaMap::new(config.quota_window))),
+        #[cfg(feature = "redis")]
+        QuotaStoreConfig::Redis {
+            url,
+            lease,
+            timeout,
+        } => {
+            let store = crate::quota::RedisStore::new(crate::quota::RedisConfig {
+                url: url.clone(),
+                window: config.quota_window,
+                lease: *lease,
+                timeout: *timeout,
+            })
+            .map_err(StartupError::QuotaStore)?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "redis"))]
+        QuotaStoreConfig::Redis { .. } => Err(StartupError::QuotaStore(
+            "this build has no Redis support (cargo feature `redis`)".to_owned(),
+        )),
     }
 }
 
@@ -166,6 +195,8 @@ pub enum StartupError {
         /// What went wrong.
         error: std::io::Error,
     },
+    /// The quota store cannot be used (a malformed URL, or no Redis support built in).
+    QuotaStore(String),
     /// The `openai` generator's settings are unusable (a URL that is not `http://`, an
     /// empty model, a key that cannot be sent).
     Upstream(openai::ConfigError),
@@ -181,6 +212,7 @@ impl std::fmt::Display for StartupError {
                 write!(f, "documents folder {}: {error}", path.display())
             }
             StartupError::Upstream(e) => write!(f, "upstream: {e}"),
+            StartupError::QuotaStore(e) => write!(f, "quota store: {e}"),
         }
     }
 }

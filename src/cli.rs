@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use askstream::pipeline::openai::{ApiKey, OpenAiConfig};
 use askstream::pipeline::sim::SimConfig;
-use askstream::{GeneratorConfig, ServiceConfig};
+use askstream::{GeneratorConfig, QuotaStoreConfig, ServiceConfig};
 use clap::Parser;
 
 /// The flags.
@@ -73,6 +73,20 @@ pub(crate) struct Flags {
     /// Quota window length, aligned to the Unix epoch (e.g. `24h`, `1h`, `90s`).
     #[arg(long, env = "ASKSTREAM_QUOTA_WINDOW", default_value = "24h", value_parser = parse_window)]
     quota_window: Duration,
+
+    /// Where quota lives: `memory` (this process) or a Redis shared by every instance,
+    /// `redis://[user:password@]host:port[/db]` or `redis+unix:///path`.
+    #[arg(long, env = "ASKSTREAM_QUOTA_STORE", default_value = "memory")]
+    quota_store: String,
+
+    /// Redis store: seconds an answer's charge is held without renewal; an instance that
+    /// dies gives its charges back this long after its last renewal.
+    #[arg(long, env = "ASKSTREAM_QUOTA_LEASE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    quota_lease_secs: u64,
+
+    /// Redis store: milliseconds to wait for it before an ask gets `QUOTA_UNAVAILABLE`.
+    #[arg(long, env = "ASKSTREAM_QUOTA_TIMEOUT_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+    quota_timeout_ms: u64,
 
     /// Seconds without an event after which a `: keep-alive` comment is sent.
     #[arg(long, env = "ASKSTREAM_HEARTBEAT_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
@@ -148,6 +162,7 @@ impl Flags {
             generator,
             quota_limit: self.quota_limit,
             quota_window: self.quota_window,
+            quota_store: self.quota_store()?,
             heartbeat: Duration::from_secs(self.heartbeat_secs),
             stream_buffer: self.stream_buffer as usize,
             max_body_bytes: self.max_body_bytes,
@@ -158,6 +173,30 @@ impl Flags {
             ttft_timeout: Duration::from_millis(self.ttft_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+        })
+    }
+
+    /// `--quota-store` and its lease and timeout.
+    fn quota_store(&self) -> Result<QuotaStoreConfig, String> {
+        let url = self.quota_store.trim();
+        if url == "memory" {
+            return Ok(QuotaStoreConfig::Memory);
+        }
+        if !(url.starts_with("redis://")
+            || url.starts_with("redis+unix://")
+            || url.starts_with("valkey://")
+            || url.starts_with("unix://"))
+        {
+            return Err(format!(
+                "--quota-store must be `memory`, `redis://host:port[/db]` or \
+                 `redis+unix:///path` (got `{}`)",
+                scheme_only(url)
+            ));
+        }
+        Ok(QuotaStoreConfig::Redis {
+            url: url.to_owned(),
+            lease: Duration::from_secs(self.quota_lease_secs),
+            timeout: Duration::from_millis(self.quota_timeout_ms),
         })
     }
 
@@ -181,6 +220,11 @@ impl Flags {
         }
         Ok(config)
     }
+}
+
+/// What a bad `--quota-store` value is shown as: its scheme, never a password after it.
+fn scheme_only(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(scheme, _)| scheme)
 }
 
 /// `--quota-window`: a span of at least one second, since windows are whole seconds.
@@ -247,6 +291,31 @@ mod tests {
         };
         assert_eq!(sim.tokens, 10);
         assert!(parse(&["--sim-tokens", "0"]).is_err());
+    }
+
+    #[test]
+    fn quota_store_urls() {
+        let store = |args: &[&str]| parse(args).unwrap().service_config().map(|c| c.quota_store);
+        assert_eq!(store(&[]), Ok(QuotaStoreConfig::Memory));
+        assert_eq!(
+            store(&[
+                "--quota-store",
+                "redis://127.0.0.1:6379/2",
+                "--quota-lease-secs",
+                "5"
+            ]),
+            Ok(QuotaStoreConfig::Redis {
+                url: "redis://127.0.0.1:6379/2".into(),
+                lease: Duration::from_secs(5),
+                timeout: Duration::from_millis(250),
+            })
+        );
+        let bad = store(&["--quota-store", "http://user:secret@host"]).unwrap_err();
+        assert!(
+            bad.contains("--quota-store") && !bad.contains("secret"),
+            "{bad}"
+        );
+        assert!(parse(&["--quota-lease-secs", "0"]).is_err());
     }
 
     #[test]

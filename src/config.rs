@@ -31,6 +31,9 @@ pub struct ServiceConfig {
     pub quota_limit: u32,
     /// Quota window length, aligned to the Unix epoch; whole seconds, at least one.
     pub quota_window: Duration,
+    /// Where the quota lives: this process's memory, or a Redis shared by every instance.
+    /// Ignored when the builder is given a store.
+    pub quota_store: QuotaStoreConfig,
     /// Idle time on a stream after which a `: keep-alive` comment is sent, so proxies do
     /// not time out a connection while a slow model thinks.
     pub heartbeat: Duration,
@@ -72,6 +75,25 @@ impl Default for GeneratorConfig {
     }
 }
 
+/// The quota stores the service can build by itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum QuotaStoreConfig {
+    /// The in-memory sharded map: one process's count, gone on restart.
+    #[default]
+    Memory,
+    /// A Redis (or Valkey) server shared by every instance (contract §2.1). Needs the
+    /// `redis` feature.
+    Redis {
+        /// `redis://[user:password@]host:port[/db]` or `redis+unix:///path`.
+        url: String,
+        /// How long a charge is held without renewal: an instance that dies gives its
+        /// answers' charges back this long after its last renewal.
+        lease: Duration,
+        /// A store slower than this is unavailable: the ask is refused, not left waiting.
+        timeout: Duration,
+    },
+}
+
 impl Default for ServiceConfig {
     fn default() -> Self {
         ServiceConfig {
@@ -80,6 +102,7 @@ impl Default for ServiceConfig {
             generator: GeneratorConfig::default(),
             quota_limit: 20,
             quota_window: Duration::from_secs(24 * 3600),
+            quota_store: QuotaStoreConfig::Memory,
             heartbeat: Duration::from_secs(15),
             stream_buffer: 64,
             max_body_bytes: 65536,
@@ -127,6 +150,14 @@ impl ServiceConfig {
         }
         if self.heartbeat.is_zero() {
             return bad("heartbeat", "must be positive");
+        }
+        if let QuotaStoreConfig::Redis { lease, timeout, .. } = &self.quota_store {
+            if *lease < Duration::from_secs(1) {
+                return bad("quota_store.lease", "must be at least one second");
+            }
+            if timeout.is_zero() {
+                return bad("quota_store.timeout", "must be positive");
+            }
         }
         Ok(())
     }

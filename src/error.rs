@@ -30,6 +30,8 @@ pub enum ErrorCode {
     QuotaExceeded,
     /// `--max-streams` answers are already in flight.
     Overloaded,
+    /// The shared quota store is unreachable or too slow; nothing was charged.
+    QuotaUnavailable,
     /// The server is draining.
     ShuttingDown,
     /// The generator or retriever failed.
@@ -44,7 +46,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in declaration order, so `code as usize` indexes it.
-    pub(crate) const ALL: [ErrorCode; 13] = [
+    pub(crate) const ALL: [ErrorCode; 14] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::NotFound,
@@ -53,6 +55,7 @@ impl ErrorCode {
         ErrorCode::UnsupportedMediaType,
         ErrorCode::QuotaExceeded,
         ErrorCode::Overloaded,
+        ErrorCode::QuotaUnavailable,
         ErrorCode::ShuttingDown,
         ErrorCode::UpstreamError,
         ErrorCode::UpstreamTimeout,
@@ -71,6 +74,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
             ErrorCode::Overloaded => "OVERLOADED",
+            ErrorCode::QuotaUnavailable => "QUOTA_UNAVAILABLE",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::UpstreamError => "UPSTREAM_ERROR",
             ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
@@ -91,7 +95,9 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Overloaded | ErrorCode::QuotaUnavailable | ErrorCode::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorCode::UpstreamError => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::SlowClient => StatusCode::REQUEST_TIMEOUT,
@@ -180,6 +186,7 @@ mod tests {
     fn statuses_follow_the_spec_table() {
         assert_eq!(ErrorCode::QuotaExceeded.status(), 429);
         assert_eq!(ErrorCode::Overloaded.status(), 503);
+        assert_eq!(ErrorCode::QuotaUnavailable.status(), 503);
         assert_eq!(ErrorCode::ShuttingDown.status(), 503);
         assert_eq!(ErrorCode::UpstreamError.status(), 502);
         assert_eq!(ErrorCode::UpstreamTimeout.status(), 504);

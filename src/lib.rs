@@ -60,7 +60,7 @@ pub mod wire;
 
 pub use body::AskBody;
 pub use builder::{Builder, StartupError};
-pub use config::{GeneratorConfig, ServiceConfig};
+pub use config::{GeneratorConfig, QuotaStoreConfig, ServiceConfig};
 pub use error::{ApiError, ErrorCode};
 pub use pipeline::BoxFuture;
 pub use server::serve;

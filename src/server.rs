@@ -123,9 +123,18 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
             tracing::warn!("some connections did not close; exiting anyway");
         }
     }
-    // Refunds happen in the answer tasks; let them land before returning.
+    // Refunds happen in the answer tasks; let them land before returning, and reach a
+    // shared quota store.
     service.shutdown().stop();
     let _ = tokio::time::timeout(FINAL_FLUSH, service.answers_finished()).await;
+    if tokio::time::timeout(FINAL_FLUSH, service.flush_quota())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "some settles and refunds did not reach the quota store; their leases will expire"
+        );
+    }
     tracing::info!("shut down");
 }
 

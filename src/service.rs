@@ -162,6 +162,15 @@ impl AskService {
         self.inner.answers.reopen();
     }
 
+    /// Resolves once the quota store has recorded the settles and refunds of the answers
+    /// that ended so far (a shared store sends them in the background). [`serve`] awaits
+    /// it before returning; an embedder that serves the service itself should too.
+    ///
+    /// [`serve`]: crate::serve
+    pub async fn flush_quota(&self) {
+        self.inner.quota.flush().await;
+    }
+
     /// Starts the quota store's background work the first time it is called.
     fn start_housekeeping(&self) {
         let inner = &*self.inner;
@@ -347,9 +356,9 @@ impl AskService {
     }
 
     fn metrics_text(&self) -> Response<AskBody> {
-        let mut res = Response::new(AskBody::full(Bytes::from(
-            self.metrics().render(self.in_flight() as u64),
-        )));
+        let mut text = self.metrics().render(self.in_flight() as u64);
+        self.inner.quota.render_metrics(&mut text);
+        let mut res = Response::new(AskBody::full(Bytes::from(text)));
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -466,11 +475,7 @@ fn sse_response(
 fn quota_error(e: QuotaError) -> ApiError {
     let code = match e {
         QuotaError::Exceeded { .. } => ErrorCode::QuotaExceeded,
-        QuotaError::Unavailable(_) => ErrorCode::Internal,
+        QuotaError::Unavailable(_) => ErrorCode::QuotaUnavailable,
     };
-    let err = ApiError::new(code, e.to_string());
-    match e.retry_after_secs(unix_now()) {
-        Some(secs) => err.with_retry_after(secs),
-        None => err,
-    }
+    ApiError::new(code, e.to_string()).with_retry_after(e.retry_after_secs(unix_now()))
 }

@@ -4,6 +4,8 @@
 // Each test binary uses some of these helpers, and `pub` here means "for the test files".
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod script;
 
 use std::net::SocketAddr;
@@ -13,7 +15,7 @@ use std::sync::Arc;
 
 use askstream::pipeline::sim::SimConfig;
 use askstream::quota::QuotaMap;
-use askstream::{AskService, Builder, GeneratorConfig, ServiceConfig};
+use askstream::{AskService, Builder, GeneratorConfig, QuotaStoreConfig, ServiceConfig};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -57,8 +59,9 @@ pub fn sim(config: &mut ServiceConfig) -> &mut SimConfig {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub service: AskService,
-    /// The service's quota store, readable after the server stopped listening.
-    pub quota: Arc<QuotaMap>,
+    /// The service's quota store when it is in memory, readable after the server stopped
+    /// listening. (A config naming a shared store keeps that store.)
+    pub quota: Option<Arc<QuotaMap>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -71,11 +74,13 @@ impl TestServer {
     /// Builds the service from `builder`, with a quota map the test can read, and
     /// serves it on 127.0.0.1:0.
     pub async fn start_with(builder: Builder) -> TestServer {
-        let quota = Arc::new(QuotaMap::new(builder.config().quota_window));
-        let service = builder
-            .quota(quota.clone())
-            .build()
-            .expect("service builds");
+        let in_memory = matches!(builder.config().quota_store, QuotaStoreConfig::Memory);
+        let quota = in_memory.then(|| Arc::new(QuotaMap::new(builder.config().quota_window)));
+        let builder = match &quota {
+            Some(q) => builder.quota(q.clone()),
+            None => builder,
+        };
+        let service = builder.build().expect("service builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -101,7 +106,11 @@ impl TestServer {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        self.quota.status_at(user, limit, now).remaining
+        self.quota
+            .as_ref()
+            .expect("a server with the in-memory store")
+            .status_at(user, limit, now)
+            .remaining
     }
 
     /// Sends the shutdown signal and returns the serve task, to await its end.

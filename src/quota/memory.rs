@@ -1,71 +1,5 @@
-//! Per-user quotas: a sharded in-memory map and the self-refunding [`Charge`].
-//!
-//! Every ask costs one unit of its user's quota, taken before any pipeline work and given
-//! back if the answer is not delivered (contract §2). This module owns both halves of that rule.
-//!
-//! ```
-//! use std::time::Duration;
-//! use askstream::quota::QuotaMap;
-//!
-//! let quota = QuotaMap::new(Duration::from_secs(3600));
-//! let now = 1_800_000_000; // Unix seconds; `charge()` reads the clock itself
-//! let first = quota.charge_at("alice", 2, now).unwrap();
-//! assert_eq!(first.remaining(), 1);
-//! first.settle(); // delivered: stays spent
-//! let second = quota.charge_at("alice", 2, now).unwrap();
-//! assert!(quota.charge_at("alice", 2, now).is_err()); // nothing left, nothing taken
-//! drop(second); // not delivered: refunds itself
-//! assert_eq!(quota.status_at("alice", 2, now).remaining, 1);
-//! ```
-//!
-//! # Windows aligned to the epoch
-//!
-//! A window is an integer: `unix_secs / window_secs`. Aligning to the Unix epoch instead of
-//! to each user's first ask means every process (and every replica sharing a store) agrees
-//! on the boundaries without talking, `resetsAt` is plain arithmetic, and "a new window has
-//! begun" needs no timer and no reset pass: the next charge simply sees an older index.
-//!
-//! # One atomic word per user
-//!
-//! An entry is a single `AtomicU64` packing the window index (high 32 bits) and the asks
-//! used in it (low 32 bits). Taking an ask is one compare-and-swap loop over that word:
-//! "is anything left?" and "take one" are a single indivisible step, so with `R` asks left
-//! and `N` concurrent charges exactly `min(N, R)` succeed on any number of threads — no
-//! overdraft, and no lock held while deciding. Rolling into a new window happens inside the
-//! same CAS (an older stored index reads as zero used).
-//!
-//! # Shards
-//!
-//! Users are spread over 64 maps, each behind its own `RwLock`. An existing user —
-//! the hot path — takes only a shared read lock and then works on its atomic word, so asks
-//! never wait for each other. The exclusive lock is taken only to insert a user seen for the
-//! first time (double-checked) and by the sweeper, and then blocks only one shard of 64. The shard is picked with a per-map random hasher so that clients cannot
-//! choose user ids that all land in one shard.
-//!
-//! # The refund is a value
-//!
-//! A successful charge returns a [`Charge`], which gives the ask back when dropped unless
-//! [`Charge::settle`] was called once the `done` frame was handed to the connection. Every
-//! way an answer can fail — an error, a timeout, a disconnect that drops the response body,
-//! a panic that unwinds through the pipeline, a cancelled future — drops the charge, so the
-//! refund cannot be forgotten. `settle` and `refund` take `self`, so a charge is refunded at
-//! most once by construction. A refund carries the window it was taken from and is a no-op
-//! once that window has ended: it never lands in a later window than its deduction.
-//!
-//! # Sweeping
-//!
-//! An entry whose stored window is older than the current one reads exactly like a fresh
-//! entry, so removing it changes nothing a user can observe; [`QuotaMap::sweep`] does that,
-//! and memory follows active users, not every user ever seen. See [`QuotaMap::sweep_at`]
-//! for why a live [`Charge`] pointing at a swept entry is harmless.
-//!
-//! # Shared stores
-//!
-//! Several replicas behind one load balancer need one shared count; a Redis or Valkey store
-//! implements [`QuotaStore`] (its `charge` builds a [`Charge`] with [`Charge::new`] around its
-//! own [`Refund`]), and runs its lease renewals from
-//! [`QuotaStore::spawn_housekeeping`]. The in-memory map does its work synchronously and
-//! returns a future that is already ready.
+//! The in-memory store: a sharded map, one atomic word per user (see the module docs of
+//! [`crate::quota`] for the design).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -76,165 +10,10 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::{Charge, QuotaError, QuotaStatus, QuotaStore};
 use crate::auth::UserId;
-use crate::clock::{rfc3339, unix_now};
+use crate::clock::unix_now;
 use crate::pipeline::BoxFuture;
-
-/// Where quota lives: the in-memory [`QuotaMap`] by default, or a store shared by several
-/// instances.
-///
-/// Object-safe, so the service holds an `Arc<dyn QuotaStore>` and is not generic over the
-/// store: the in-memory path pays one small allocation per ask for its boxed future, next
-/// to nothing beside the rest of an ask (the `dispatch` group in `benches/quota.rs`
-/// measures it).
-pub trait QuotaStore: Send + Sync + 'static {
-    /// Takes one ask from `user`'s current window, or refuses without taking anything.
-    fn charge<'a>(
-        &'a self,
-        user: &'a UserId,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Charge, QuotaError>>;
-
-    /// The caller's standing in the current window, without charging.
-    fn status<'a>(
-        &'a self,
-        user: &'a UserId,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<QuotaStatus, QuotaError>>;
-
-    /// Starts the store's background work (the in-memory map's sweeper; a shared store's
-    /// lease renewals), to run until `stop` is cancelled. The service calls it once, from
-    /// inside the runtime, and cancels `stop` when its last clone is dropped, so an embedded
-    /// service cannot leak the task. The default does nothing.
-    fn spawn_housekeeping(self: Arc<Self>, stop: CancellationToken) {
-        let _ = stop;
-    }
-}
-
-/// Gives one ask back to the window it was taken from.
-pub trait Refund: Send + Sync {
-    /// Returns one ask to window `window`; a no-op if that window has ended.
-    fn refund(&self, window: u64);
-}
-
-/// One deducted ask. Dropping it refunds; [`Charge::settle`] keeps it.
-///
-/// Holding the charge for as long as the answer is in flight is what makes refunds
-/// exactly-once: whichever way the answer ends, the charge is either settled or dropped,
-/// and both consume it.
-#[must_use = "dropping a Charge refunds the ask at once; settle it when the answer is delivered"]
-pub struct Charge {
-    target: Option<Arc<dyn Refund>>,
-    window: u64,
-    remaining: u32,
-}
-
-impl Charge {
-    /// A charge that refunds through `target` into `window` unless settled; `remaining`
-    /// is the user's quota left after it.
-    ///
-    /// Public so that other [`QuotaStore`]s can hand out the same self-refunding guard.
-    pub fn new(target: Arc<dyn Refund>, window: u64, remaining: u32) -> Self {
-        Charge {
-            target: Some(target),
-            window,
-            remaining,
-        }
-    }
-
-    /// Asks left in the window after this one, for the `done` event's `quotaRemaining`.
-    pub fn remaining(&self) -> u32 {
-        self.remaining
-    }
-
-    /// The window the ask was taken from; a refund goes back there or nowhere.
-    #[cfg(test)]
-    fn window(&self) -> u64 {
-        self.window
-    }
-
-    /// The answer was delivered: the ask stays spent.
-    pub fn settle(mut self) {
-        self.target = None;
-    }
-
-    /// The answer was not delivered: give the ask back now (same as dropping).
-    pub fn refund(self) {}
-}
-
-impl Drop for Charge {
-    fn drop(&mut self) {
-        if let Some(t) = self.target.take() {
-            t.refund(self.window);
-        }
-    }
-}
-
-impl std::fmt::Debug for Charge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Charge")
-            .field("window", &self.window)
-            .field("remaining", &self.remaining)
-            .field("settled", &self.target.is_none())
-            .finish()
-    }
-}
-
-/// A user's standing in the current window.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct QuotaStatus {
-    /// Asks per window.
-    pub limit: u32,
-    /// Asks left in this window.
-    pub remaining: u32,
-    /// Unix seconds at which the window ends.
-    pub resets_at: u64,
-}
-
-/// Why a charge was refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum QuotaError {
-    /// Nothing left in the window.
-    Exceeded {
-        /// Asks per window.
-        limit: u32,
-        /// Unix seconds at which the window ends.
-        resets_at: u64,
-    },
-    /// The store could not be reached (shared stores only).
-    Unavailable(String),
-}
-
-impl QuotaError {
-    /// Seconds a refused client should wait, for the `retry-after` header.
-    ///
-    /// At least 1, so a refusal in the window's last second never says "retry now" (which
-    /// would be refused again). `None` for [`QuotaError::Unavailable`]: nobody knows when
-    /// a store comes back.
-    pub fn retry_after_secs(&self, now_unix_secs: u64) -> Option<u64> {
-        match self {
-            QuotaError::Exceeded { resets_at, .. } => {
-                Some(resets_at.saturating_sub(now_unix_secs).max(1))
-            }
-            QuotaError::Unavailable(_) => None,
-        }
-    }
-}
-
-impl std::fmt::Display for QuotaError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            QuotaError::Exceeded { limit, resets_at } => write!(
-                f,
-                "all {limit} asks of this window are used; the quota resets at {}",
-                rfc3339(*resets_at)
-            ),
-            QuotaError::Unavailable(why) => write!(f, "the quota store is unavailable: {why}"),
-        }
-    }
-}
-
-impl std::error::Error for QuotaError {}
 
 /// How many shards a [`QuotaMap`] has. A power of two, so the shard is a mask of the hash;
 /// 64 keeps writer collisions rare on any machine this runs on while costing ~4 KiB empty.
@@ -449,10 +228,11 @@ impl QuotaMap {
     /// Charges `entry` and wraps the result; the caller holds the entry's shard lock.
     fn take(&self, entry: &Arc<Entry>, limit: u32, now: u32) -> Result<Charge, QuotaError> {
         match entry.take(now, limit) {
-            Ok((window, used)) => Ok(Charge::new(
-                // Coerces `Arc<Entry>` to `Arc<dyn Refund>`: a refcount bump, no allocation.
-                Arc::clone(entry) as Arc<dyn Refund>,
-                u64::from(window),
+            Ok((window, used)) => Ok(Charge::memory(
+                MemoryHold {
+                    entry: Arc::clone(entry),
+                    window,
+                },
                 limit - used,
             )),
             Err(window) => Err(QuotaError::Exceeded {
@@ -554,14 +334,25 @@ impl Entry {
     }
 }
 
-impl Refund for Entry {
-    fn refund(&self, window: u64) {
-        let Ok(window) = u32::try_from(window) else {
-            return;
-        };
+/// A charge's claim on its entry: refunding gives one ask back to `window`, settling
+/// leaves it spent (nothing to do: the count already includes it).
+pub(super) struct MemoryHold {
+    entry: Arc<Entry>,
+    window: u32,
+}
+
+impl MemoryHold {
+    #[cfg(test)]
+    pub(super) fn window(&self) -> u32 {
+        self.window
+    }
+
+    pub(super) fn refund(self) {
+        let window = self.window;
         // Only into the window the ask came from, and never below zero; if the window has
         // rolled over, the ask expired with it and there is nothing to give back.
         let _ = self
+            .entry
             .state
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
                 let (w, used) = unpack(s);
@@ -651,8 +442,8 @@ mod tests {
                 resets_at: 20_001 * DAY
             }
         );
-        assert_eq!(err.retry_after_secs(t0 + 10), Some(DAY - 15));
-        assert_eq!(err.retry_after_secs(20_001 * DAY), Some(1));
+        assert_eq!(err.retry_after_secs(t0 + 10), DAY - 15);
+        assert_eq!(err.retry_after_secs(20_001 * DAY), 1);
         // A refusal takes nothing.
         assert_eq!(q.raw("u"), Some((20_000, 3)));
         assert_eq!(q.status_at("u", 3, 20_001 * DAY - 1).remaining, 0);
@@ -717,8 +508,12 @@ mod tests {
             .iter()
             .find_map(|s| s.read().unwrap().get("u").cloned())
             .unwrap();
-        entry.refund(0);
-        entry.refund(0);
+        let stray = || MemoryHold {
+            entry: entry.clone(),
+            window: 0,
+        };
+        stray().refund();
+        stray().refund();
         assert_eq!(q.raw("u"), Some((0, 0)));
         c.settle();
         assert_eq!(q.raw("u"), Some((0, 0)));
@@ -963,7 +758,7 @@ mod tests {
         );
         assert_eq!(
             QuotaError::Unavailable("down".into()).retry_after_secs(0),
-            None
+            1
         );
     }
 }
