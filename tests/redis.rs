@@ -421,3 +421,68 @@ fn listening_addr(child: &mut std::process::Child) -> std::net::SocketAddr {
     }
     panic!("askstream exited before listening");
 }
+
+/// Sleeps until `offset` into the next window of `window` (on this machine's clock, which
+/// is the store's: same host).
+async fn into_next_window(window: Duration, offset: Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let w = window.as_millis();
+    let into = now.as_millis() % w;
+    let wait = Duration::from_millis(u64::try_from(w - into).unwrap()) + offset;
+    tokio::time::sleep(wait).await;
+}
+
+/// Answers charged in one window and ending in the next: a refund does not land in the
+/// new window, a settle does not spend it, and the new window starts full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_crossing_a_window_boundary_touch_only_their_own_window() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let window = Duration::from_secs(2);
+    let mut held_config = shared(&redis, 3, Duration::from_secs(30));
+    held_config.quota_window = window;
+    support::sim(&mut held_config).token_interval = Duration::from_secs(3600);
+    let held = TestServer::start(held_config).await;
+    let mut slow_config = shared(&redis, 3, Duration::from_secs(30));
+    slow_config.quota_window = window;
+    support::sim(&mut slow_config).tokens = 6;
+    support::sim(&mut slow_config).token_interval = Duration::from_millis(400);
+    let slow = TestServer::start(slow_config).await;
+    let user = "boundary";
+
+    // Early in a window: one answer that will be refunded, and one that will be delivered
+    // (6 tokens 400 ms apart: it ends about 0.5 s into the next window), both charged
+    // here.
+    into_next_window(window, Duration::from_millis(100)).await;
+    let mut leaver = RawConn::connect(held.addr).await;
+    assert_eq!(leaver.start_stream(QUERY, user).await.status, 200);
+    assert!(leaver.read_chunk().await.is_some());
+    let finisher = {
+        let addr = slow.addr;
+        tokio::spawn(async move { stream_ask(addr, QUERY, user).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(remaining(held.addr, user).await, 1, "both held in their window");
+
+    // The next window: full, whatever the answers of the last one do now.
+    into_next_window(window, Duration::from_millis(300)).await;
+    assert_eq!(remaining(held.addr, user).await, 3, "a new window starts full");
+    let (head, events) = finisher.await.unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(events.last().unwrap()["type"], "done", "delivered after the boundary");
+    drop(leaver);
+    held.settled().await;
+    slow.settled().await;
+    held.service.flush_quota().await;
+    slow.service.flush_quota().await;
+    assert_eq!(
+        remaining(held.addr, user).await,
+        3,
+        "neither the refund nor the settle landed in the new window"
+    );
+    let events = delivered(&slow, user).await;
+    assert_eq!(events.last().unwrap()["quotaRemaining"], 2);
+}
