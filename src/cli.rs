@@ -75,7 +75,8 @@ pub(crate) struct Flags {
     quota_window: Duration,
 
     /// Where quota lives: `memory` (this process) or a Redis shared by every instance,
-    /// `redis://[user:password@]host:port[/db]` or `redis+unix:///path`.
+    /// `redis://[user:password@]host:port[/db]`, `redis+unix:///path`, or a Redis Cluster as
+    /// `redis+cluster://host:port,host:port`.
     #[arg(long, env = "ASKSTREAM_QUOTA_STORE", default_value = "memory")]
     quota_store: String,
 
@@ -184,12 +185,13 @@ impl Flags {
         }
         if !(url.starts_with("redis://")
             || url.starts_with("redis+unix://")
+            || url.starts_with("redis+cluster://")
             || url.starts_with("valkey://")
             || url.starts_with("unix://"))
         {
             return Err(format!(
-                "--quota-store must be `memory`, `redis://host:port[/db]` or \
-                 `redis+unix:///path` (got `{}`)",
+                "--quota-store must be `memory`, `redis://host:port[/db]`, \
+                 `redis+unix:///path` or `redis+cluster://host:port,host:port` (got `{}`)",
                 scheme_only(url)
             ));
         }

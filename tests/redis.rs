@@ -465,14 +465,26 @@ async fn answers_crossing_a_window_boundary_touch_only_their_own_window() {
         tokio::spawn(async move { stream_ask(addr, QUERY, user).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(remaining(held.addr, user).await, 1, "both held in their window");
+    assert_eq!(
+        remaining(held.addr, user).await,
+        1,
+        "both held in their window"
+    );
 
     // The next window: full, whatever the answers of the last one do now.
     into_next_window(window, Duration::from_millis(300)).await;
-    assert_eq!(remaining(held.addr, user).await, 3, "a new window starts full");
+    assert_eq!(
+        remaining(held.addr, user).await,
+        3,
+        "a new window starts full"
+    );
     let (head, events) = finisher.await.unwrap();
     assert_eq!(head.status, 200);
-    assert_eq!(events.last().unwrap()["type"], "done", "delivered after the boundary");
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "done",
+        "delivered after the boundary"
+    );
     drop(leaver);
     held.settled().await;
     slow.settled().await;
@@ -485,4 +497,69 @@ async fn answers_crossing_a_window_boundary_touch_only_their_own_window() {
     );
     let events = delivered(&slow, user).await;
     assert_eq!(events.last().unwrap()["quotaRemaining"], 2);
+}
+
+/// The same rules on a three-node Redis Cluster started by the test: users spread over
+/// the nodes, each user's keys on one, racing asks over two instances admit exactly what
+/// is left, refunds and renewals reach the right node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_keeps_every_rule() {
+    use support::redis::RedisCluster;
+    let Some(cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    const LEFT: u32 = 3;
+    const USERS: usize = 8;
+    let config = |lease: Duration| {
+        let mut c = config_with_limit(LEFT);
+        c.quota_store = QuotaStoreConfig::Redis {
+            url: cluster.url(),
+            lease,
+            timeout: Duration::from_secs(2),
+        };
+        c
+    };
+    let a = TestServer::start(config(Duration::from_secs(30))).await;
+    let b = TestServer::start(config(Duration::from_secs(30))).await;
+    let mut tasks = Vec::new();
+    for u in 0..USERS {
+        for i in 0..8 {
+            let addr = if i % 2 == 0 { a.addr } else { b.addr };
+            tasks.push(tokio::spawn(async move {
+                let user = format!("cluster-user-{u}");
+                let (head, _) = ask(addr, JSON_MODE, &ask_body(QUERY), &bearer(&user)).await;
+                (u, head.status)
+            }));
+        }
+    }
+    let mut admitted = [0u32; USERS];
+    for t in tasks {
+        let (u, status) = t.await.unwrap();
+        assert!(status == 200 || status == 429, "{status}");
+        admitted[u] += u32::from(status == 200);
+    }
+    assert_eq!(admitted, [LEFT; USERS]);
+    let spread = cluster.keys_per_node();
+    assert!(
+        spread.iter().filter(|&&n| n > 0).count() >= 2,
+        "users land on several nodes: {spread:?}"
+    );
+
+    // A refund and a renewed lease on the cluster.
+    let mut long = config(Duration::from_secs(1));
+    support::sim(&mut long).token_interval = Duration::from_secs(3600);
+    let held = TestServer::start(long).await;
+    let mut c = RawConn::connect(held.addr).await;
+    assert_eq!(c.start_stream(QUERY, "cluster-held").await.status, 200);
+    assert!(c.read_chunk().await.is_some());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        remaining(held.addr, "cluster-held").await,
+        2,
+        "held past its lease"
+    );
+    drop(c);
+    held.settled().await;
+    held.service.flush_quota().await;
+    assert_eq!(remaining(held.addr, "cluster-held").await, 3, "refunded");
 }

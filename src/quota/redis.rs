@@ -32,6 +32,13 @@
 //!
 //! All arithmetic is on integers (Unix seconds and milliseconds well below 2^53).
 //!
+//! # Redis Cluster
+//!
+//! `redis+cluster://[user:password@]host:port,host:port…` names a cluster by some of its
+//! nodes. Every script touches one user's keys only, so each runs on the node that owns
+//! that user's slot. A cluster takes a pipeline only within one slot, so there the
+//! background batches go out as one pipeline per user.
+//!
 //! # When the store fails
 //!
 //! A charge that errs, or gets no answer within the timeout, is refused as
@@ -44,12 +51,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
-use tokio::sync::{Notify, mpsc};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{RedisError, RedisFuture, Script};
+use tokio::sync::{Notify, OnceCell, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -165,9 +174,9 @@ pub struct RedisStore {
 }
 
 struct Shared {
-    client: redis::Client,
+    client: Client,
     /// Made on first use, inside the runtime; reconnects by itself after a failure.
-    conn: OnceLock<ConnectionManager>,
+    conn: OnceCell<Conn>,
     window_secs: u64,
     lease: Duration,
     timeout: Duration,
@@ -257,14 +266,13 @@ impl RedisStore {
     /// A store for `config`. Checks the URL now; connects on first use, so a server can
     /// start while its store is down (asks get `QUOTA_UNAVAILABLE` until it is back).
     pub fn new(config: RedisConfig) -> Result<Self, String> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| format!("--quota-store: {}", describe(&e)))?;
+        let client = Client::open(&config.url)?;
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let instance = format!("{:016x}", instance_nonce());
         Ok(RedisStore {
             shared: Arc::new(Shared {
                 client,
-                conn: OnceLock::new(),
+                conn: OnceCell::new(),
                 window_secs: config.window.as_secs().max(1),
                 lease: config.lease,
                 timeout: config.timeout,
@@ -327,23 +335,103 @@ fn describe(e: &RedisError) -> String {
     }
 }
 
-impl Shared {
-    fn conn(&self) -> Result<ConnectionManager, QuotaError> {
-        if let Some(c) = self.conn.get() {
-            return Ok(c.clone());
+/// One server, or a Redis Cluster (`redis+cluster://host:port,host:port…`).
+enum Client {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
+impl Client {
+    fn open(url: &str) -> Result<Client, String> {
+        let bad = |e: RedisError| format!("--quota-store: {}", describe(&e));
+        let Some(rest) = url.strip_prefix("redis+cluster://") else {
+            return redis::Client::open(url).map(Client::Single).map_err(bad);
+        };
+        // `[user:password@]host:port,host:port…`: the credentials apply to every node.
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let seeds: Vec<String> = hosts
+            .trim_end_matches('/')
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("redis://{auth}{h}"))
+            .collect();
+        if seeds.is_empty() {
+            return Err("--quota-store: a redis+cluster:// URL names no node".to_owned());
         }
-        // An ask gives up on the store after `timeout` (its own deadline, in
-        // `round_trip`); the connection gives up much later, since dropping it would
-        // discard commands the store may still run, turning a slow store into lost
-        // settles. A connection silent that long is dead, and is remade.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some((self.timeout * 8).max(Duration::from_secs(2))))
-            .set_max_delay(Duration::from_secs(1));
-        let made = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(|e| QuotaError::Unavailable(describe(&e)))?;
-        // Two first callers at once: one manager wins, the other is dropped unused.
-        Ok(self.conn.get_or_init(|| made).clone())
+        ClusterClient::new(seeds).map(Client::Cluster).map_err(bad)
+    }
+}
+
+/// A connection to either kind of store, so the scripts run alike on both.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Shared {
+    async fn conn(&self) -> Result<Conn, QuotaError> {
+        let made = self
+            .conn
+            .get_or_try_init(|| async {
+                match &self.client {
+                    Client::Single(client) => {
+                        // An ask gives up on the store after `timeout` (its own deadline,
+                        // in `round_trip`); the connection gives up much later, since
+                        // dropping it would discard commands the store may still run,
+                        // turning a slow store into lost settles. A connection silent that
+                        // long is dead, and is remade.
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(self.timeout))
+                            .set_response_timeout(Some(
+                                (self.timeout * 8).max(Duration::from_secs(2)),
+                            ))
+                            .set_max_delay(Duration::from_secs(1));
+                        ConnectionManager::new_lazy_with_config(client.clone(), config)
+                            .map(Conn::Single)
+                            .map_err(|e| QuotaError::Unavailable(describe(&e)))
+                    }
+                    // A cluster connection learns the slot map when it connects: within
+                    // the ask's time budget, and retried by the next ask if it fails.
+                    Client::Cluster(client) => self
+                        .round_trip(client.get_async_connection())
+                        .await
+                        .map(Conn::Cluster),
+                }
+            })
+            .await?;
+        Ok(made.clone())
     }
 
     /// Runs one round trip to the store within the timeout, timing it; a failure is
@@ -385,7 +473,7 @@ impl Shared {
     }
 
     async fn charge(self: Arc<Self>, user: &UserId, limit: u32) -> Result<Charge, QuotaError> {
-        let mut conn = self.conn()?;
+        let mut conn = self.conn().await?;
         let keys = Arc::new(Keys::of(user));
         let seq = self.next_lease.fetch_add(1, Ordering::Relaxed);
         let member: Arc<str> = format!("{}:{seq}", self.instance).into();
@@ -418,7 +506,7 @@ impl Shared {
     }
 
     async fn status(&self, user: &UserId, limit: u32) -> Result<QuotaStatus, QuotaError> {
-        let mut conn = self.conn()?;
+        let mut conn = self.conn().await?;
         let keys = Keys::of(user);
         let mut call = self.scripts.status.prepare_invoke();
         call.key(&keys.count)
@@ -479,12 +567,34 @@ impl Shared {
         cmd
     }
 
-    /// Sends a batch of commands as one pipeline. An error from the store itself (not a
-    /// timeout or a lost connection) is most likely NOSCRIPT after a restart or `SCRIPT
-    /// FLUSH`: load the scripts and send the batch once more. Every command in a batch is
+    /// Sends a batch of commands, each tagged with the keys it touches, and returns the
+    /// replies (in no particular order). One server gets one pipeline; a cluster takes a
+    /// pipeline only within one slot, so it gets one per user, one after the other.
+    async fn batch(
+        &self,
+        cmds: Vec<(Arc<Keys>, redis::Cmd)>,
+    ) -> Result<Vec<redis::Value>, QuotaError> {
+        if !matches!(self.client, Client::Cluster(_)) {
+            let cmds: Vec<_> = cmds.into_iter().map(|(_, c)| c).collect();
+            return self.pipeline(&cmds).await;
+        }
+        let mut by_user: HashMap<&str, Vec<redis::Cmd>> = HashMap::new();
+        for (keys, cmd) in &cmds {
+            by_user.entry(&keys.leases).or_default().push(cmd.clone());
+        }
+        let mut replies = Vec::with_capacity(cmds.len());
+        for group in by_user.values() {
+            replies.extend(self.pipeline(group).await?);
+        }
+        Ok(replies)
+    }
+
+    /// Sends commands as one pipeline. An error from the store itself (not a timeout or a
+    /// lost connection) is most likely NOSCRIPT after a restart or `SCRIPT FLUSH`: load
+    /// the scripts and send the pipeline once more. Every command sent this way is
     /// idempotent, so sending one twice is safe.
     async fn pipeline(&self, cmds: &[redis::Cmd]) -> Result<Vec<redis::Value>, QuotaError> {
-        let mut conn = self.conn()?;
+        let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();
         for c in cmds {
             pipe.add_command(c.clone());
@@ -520,8 +630,11 @@ impl Shared {
             if batch.is_empty() {
                 return;
             }
-            let cmds: Vec<_> = batch.iter().map(|op| self.op_cmd(op)).collect();
-            if self.pipeline(&cmds).await.is_ok() {
+            let cmds: Vec<_> = batch
+                .iter()
+                .map(|op| (op.lease.keys.clone(), self.op_cmd(op)))
+                .collect();
+            if self.batch(cmds).await.is_ok() {
                 self.landed(batch.len());
                 return;
             }
@@ -562,8 +675,11 @@ impl Shared {
             rest.push(op);
         }
         if !rest.is_empty() {
-            let cmds: Vec<_> = rest.iter().map(|op| self.op_cmd(op)).collect();
-            let _ = self.pipeline(&cmds).await;
+            let cmds: Vec<_> = rest
+                .iter()
+                .map(|op| (op.lease.keys.clone(), self.op_cmd(op)))
+                .collect();
+            let _ = self.batch(cmds).await;
             self.landed(rest.len());
         }
     }
@@ -589,10 +705,10 @@ impl Shared {
                             .arg(&l.keys.leases)
                             .arg(&*l.member)
                             .arg(self.lease_ms());
-                        cmd
+                        (l.keys.clone(), cmd)
                     })
                     .collect();
-                if let Ok(replies) = self.pipeline(&cmds).await {
+                if let Ok(replies) = self.batch(cmds).await {
                     let renewed = replies
                         .iter()
                         .filter(|v| matches!(v, redis::Value::Int(1)))
@@ -647,7 +763,7 @@ impl QuotaStore for RedisStore {
         // Loaded now, so the first asks do not pay a NOSCRIPT round trip; a store that
         // is down now gets them loaded on demand later.
         tokio::spawn(async move {
-            if let Ok(mut conn) = shared.conn() {
+            if let Ok(mut conn) = shared.conn().await {
                 for s in shared.scripts.all() {
                     let _: Result<String, _> = shared.round_trip(s.load_async(&mut conn)).await;
                 }

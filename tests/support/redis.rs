@@ -149,3 +149,138 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Redis Cluster of its own: `nodes` primaries on loopback TCP ports (the cluster bus
+/// needs TCP, at the port plus 10000), all slots assigned, no replicas.
+pub struct RedisCluster {
+    nodes: Vec<(u16, Child)>,
+    dir: PathBuf,
+}
+
+/// A loopback port that is free now, with its cluster-bus port (+10000) in range.
+fn free_port() -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts the nodes and joins them (`redis-cli --cluster create`), or `None` as
+    /// [`RedisServer::start`] does when the machine has no `redis-server`.
+    pub fn start(nodes: usize) -> Option<RedisCluster> {
+        if !have_redis_server() {
+            assert!(
+                std::env::var_os("ASKSTREAM_REQUIRE_REDIS").is_none(),
+                "ASKSTREAM_REQUIRE_REDIS is set but redis-server is not on PATH"
+            );
+            eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let dir = fresh_dir();
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        for i in 0..nodes {
+            let port = free_port();
+            let node_dir = cluster.dir.join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            cluster.nodes.push((port, child));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for &(port, _) in &cluster.nodes {
+            while !cli(port, &["PING"]).is_some_and(|o| o.contains("PONG")) {
+                assert!(Instant::now() < deadline, "node {port} did not come up");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|(p, _)| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run redis-cli --cluster create");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &(port, _) in &cluster.nodes {
+            while !cli(port, &["CLUSTER", "INFO"]).is_some_and(|o| o.contains("cluster_state:ok")) {
+                assert!(Instant::now() < deadline, "the cluster did not become ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Some(cluster)
+    }
+
+    /// The store URL askstream takes: every node as a seed.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(p, _)| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// How many keys each node holds.
+    pub fn keys_per_node(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|&(port, _)| {
+                cli(port, &["DBSIZE"])
+                    .and_then(|o| o.trim().parse().ok())
+                    .expect("DBSIZE answers")
+            })
+            .collect()
+    }
+}
+
+/// `redis-cli -p PORT ARGS…`'s output, if it ran.
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
