@@ -3,19 +3,20 @@
 //! With `--keys FILE` every request must carry `Authorization: Bearer <api-key>` naming a
 //! key from the file; the key maps to a user id (the quota map's key) and optionally to
 //! that user's own limit. Without a keys file the server runs in open mode, meant for local
-//! use and load tests: the bearer text itself is the user, else the client's IP address.
+//! use and load tests: the bearer token stands for its user (as a digest, see
+//! [`UserId::of_bearer`]), else the client's IP address does.
 //!
 //! Keys are secrets and never leave this module in readable form (contract §3): errors about the
 //! keys file name a line number, not the key; `Debug` for [`Auth`] prints
 //! counts; an unknown key is refused without echoing it; and an open-mode bearer token,
-//! being both a user id and possibly someone's real key, displays as a fingerprint.
+//! possibly someone's real key, is kept only as its digest and displays as 32 bits of it.
 //!
 //! Keys are looked up in a `HashMap` with std's randomly keyed SipHash, so a client cannot
 //! aim guesses at a key's bucket and learn from response timing which prefixes exist.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::num::IntErrorKind;
 use std::path::Path;
@@ -45,12 +46,36 @@ impl UserId {
             secret: false,
         }
     }
-    /// A user id derived from a secret (open mode's bearer text); logs show a fingerprint.
-    pub(crate) fn from_secret(id: impl Into<Arc<str>>) -> Self {
+    /// The user an open-mode bearer token stands for: `token:` and 128 bits of the token's
+    /// SHA-256, in hex. A digest, so that a user costs the same memory (and the same store
+    /// key) whatever the token's length, and so that every instance and every build maps
+    /// a token to the same user; in its own namespace, so a token that reads like an IP
+    /// address is not that address's user. Logs show only its first 32 bits.
+    pub fn of_bearer(token: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        use std::fmt::Write as _;
+        let digest = Sha256::digest(token.as_bytes());
+        let mut id = String::with_capacity(6 + 32);
+        id.push_str("token:");
+        for b in &digest[..16] {
+            let _ = write!(id, "{b:02x}");
+        }
         UserId {
             id: id.into(),
             secret: true,
         }
+    }
+
+    /// The user an open-mode client without a token is: its address, in the `ip:`
+    /// namespace.
+    pub(crate) fn of_address(ip: Option<IpAddr>) -> Self {
+        let id = match ip {
+            // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`; use the
+            // plain IPv4 form so one client is one user however it connected.
+            Some(ip) => format!("ip:{}", ip.to_canonical()),
+            None => "ip:unknown".to_owned(),
+        };
+        UserId::new(id)
     }
     /// The id itself, for the quota map. Do not log it; log the `Display` form.
     pub fn as_str(&self) -> &str {
@@ -80,7 +105,10 @@ impl Hash for UserId {
 impl std::fmt::Display for UserId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.secret {
-            write!(f, "bearer:{:08x}", fingerprint(&self.id))
+            // The digest's first 32 bits: enough to tell one caller's lines from another's,
+            // too few to search for the token.
+            let hex = self.id.strip_prefix("token:").unwrap_or_default();
+            write!(f, "bearer:{}", hex.get(..8).unwrap_or_default())
         } else {
             f.write_str(&self.id)
         }
@@ -91,17 +119,6 @@ impl std::fmt::Debug for UserId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "UserId({self})")
     }
-}
-
-/// 32 bits of SipHash with fixed keys: the same token gives the same fingerprint in every
-/// log line and every run of a build, so lines about one caller can be correlated, while
-/// the token cannot be read back. (Fixed keys and 32 bits are no protection against
-/// guessing a short token; they are a log label for open mode, not a password hash.)
-fn fingerprint(secret: &str) -> u32 {
-    let mut h = DefaultHasher::new();
-    secret.hash(&mut h);
-    let x = h.finish();
-    ((x >> 32) ^ x) as u32
 }
 
 /// The caller, as far as quota is concerned.
@@ -291,8 +308,8 @@ impl Auth {
     /// Identifies the caller of a request.
     ///
     /// Keys mode: the bearer key must be in the table, else `UNAUTHORIZED`. Open mode never
-    /// refuses: the user is the bearer token, else the client's address (`peer`), else
-    /// `anonymous` when the transport knows no address. An `Authorization` header that is
+    /// refuses: the user is the bearer token's digest, else the client's address (`peer`),
+    /// else `ip:unknown` when the transport knows no address. An `Authorization` header that is
     /// not a well-formed single `Bearer <token>` counts as no header.
     pub(crate) fn identify(
         &self,
@@ -312,12 +329,9 @@ impl Auth {
                     .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown API key")),
             },
             Mode::Open => {
-                let user = match (token, peer) {
-                    (Some(token), _) => UserId::from_secret(token),
-                    // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`; use the
-                    // plain IPv4 form so one client is one user however it connected.
-                    (None, Some(ip)) => UserId::new(ip.to_canonical().to_string()),
-                    (None, None) => UserId::new("anonymous"),
+                let user = match token {
+                    Some(token) => UserId::of_bearer(token),
+                    None => UserId::of_address(peer),
                 };
                 Ok(Identity { user, limit: None })
             }
@@ -526,15 +540,25 @@ sk-carol carol#not-a-comment\r
         let id = auth
             .identify(&headers(&[b"Bearer load-test-42"]), Some(v4))
             .unwrap();
-        assert_eq!(id.user.as_str(), "load-test-42");
+        // SHA-256("load-test-42"), first 128 bits (checked with `sha256sum`).
+        assert_eq!(id.user.as_str(), "token:75850255b63e78a3c6da2b7a0dbdf3b3");
         assert!(id.user.is_secret());
         assert_eq!(id.limit, None);
 
         let id = auth.identify(&headers(&[]), Some(v4)).unwrap();
         assert_eq!(
             (id.user.as_str(), id.user.is_secret()),
-            ("192.0.2.7", false)
+            ("ip:192.0.2.7", false)
         );
+        // A token that reads like an address is not that address's user.
+        let id = auth
+            .identify(&headers(&[b"Bearer 192.0.2.7"]), Some(v4))
+            .unwrap();
+        assert!(id.user.as_str().starts_with("token:"), "{:?}", id.user);
+        // Every token, however long, is a user of the same size.
+        let long = format!("Bearer {}", "x".repeat(300_000));
+        let id = auth.identify(&headers(&[long.as_bytes()]), None).unwrap();
+        assert_eq!(id.user.as_str().len(), "token:".len() + 32);
 
         let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 7).to_ipv6_mapped());
         assert_eq!(
@@ -542,7 +566,7 @@ sk-carol carol#not-a-comment\r
                 .unwrap()
                 .user
                 .as_str(),
-            "192.0.2.7"
+            "ip:192.0.2.7"
         );
         let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
         assert_eq!(
@@ -550,13 +574,13 @@ sk-carol carol#not-a-comment\r
                 .unwrap()
                 .user
                 .as_str(),
-            "::1"
+            "ip:::1"
         );
 
         let id = auth
             .identify(&headers(&[b"Basic dXNlcjpwdw=="]), None)
             .unwrap();
-        assert_eq!(id.user.as_str(), "anonymous");
+        assert_eq!(id.user.as_str(), "ip:unknown");
     }
 
     #[test]
@@ -612,7 +636,7 @@ sk-carol carol#not-a-comment\r
 
     #[test]
     fn secret_ids_print_a_stable_fingerprint() {
-        let a = UserId::from_secret("sk-live-very-secret");
+        let a = UserId::of_bearer("sk-live-very-secret");
         let shown = a.to_string();
         assert!(!shown.contains("secret") && !format!("{a:?}").contains("secret"));
         assert_eq!(shown.len(), "bearer:".len() + 8);
@@ -623,13 +647,10 @@ sk-carol carol#not-a-comment\r
                 .all(|b| b.is_ascii_hexdigit())
         );
         assert_eq!(
-            UserId::from_secret(String::from("sk-live-very-secret")).to_string(),
+            UserId::of_bearer(&String::from("sk-live-very-secret")).to_string(),
             shown
         );
-        assert_ne!(
-            UserId::from_secret("sk-live-very-secreT").to_string(),
-            shown
-        );
+        assert_ne!(UserId::of_bearer("sk-live-very-secreT").to_string(), shown);
         assert_eq!(format!("{a:?}"), format!("UserId({shown})"));
         // Plain ids print as they are.
         assert_eq!(UserId::new("alice").to_string(), "alice");
@@ -638,8 +659,8 @@ sk-carol carol#not-a-comment\r
     #[test]
     fn equality_and_hash_follow_the_id() {
         use std::collections::HashSet;
-        let plain = UserId::new("x");
-        let secret = UserId::from_secret("x");
+        let secret = UserId::of_bearer("x");
+        let plain = UserId::new(secret.as_str().to_owned());
         assert_eq!(plain, secret);
         let set: HashSet<UserId> = [plain, secret].into_iter().collect();
         assert_eq!(set.len(), 1);

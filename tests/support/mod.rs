@@ -100,8 +100,10 @@ impl TestServer {
         }
     }
 
-    /// `user`'s remaining quota in the server's store.
-    pub fn remaining_in_store(&self, user: &str, limit: u32) -> u32 {
+    /// The remaining quota in the server's store of the open-mode user behind bearer
+    /// token `token`.
+    pub fn remaining_in_store(&self, token: &str, limit: u32) -> u32 {
+        let user = askstream::auth::UserId::of_bearer(token);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -109,7 +111,7 @@ impl TestServer {
         self.quota
             .as_ref()
             .expect("a server with the in-memory store")
-            .status_at(user, limit, now)
+            .status_at(user.as_str(), limit, now)
             .remaining
     }
 
