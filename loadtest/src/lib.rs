@@ -23,9 +23,12 @@
 //! - [`spawn`]: `--spawn` (the askstream binary as a pinned child process), CPU pinning,
 //!   the open-file limit;
 //! - [`report`]: a table per run, the README's Markdown summary, JSON;
+//! - [`compare`]: two server configurations (or one) over interleaved rounds
+//!   (`--vs-arg`, `--rounds`): the order of the rounds, medians, ratios;
 //! - [`svg`]: the TTFT chart.
 
 mod client;
+pub mod compare;
 pub mod engine;
 pub mod histogram;
 mod http1;

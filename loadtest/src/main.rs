@@ -13,6 +13,7 @@
 //!   measures; callable on its own, as the smoke test does;
 //! - `workload`: contract §6.1's workloads A–D;
 //! - `spawn`: `--spawn` (the server as a pinned child process), pinning, open-file limit;
+//! - `compare`: two server configurations over interleaved rounds (`--vs-arg`, `--rounds`);
 //! - `report` and `svg`: tables, JSON, the chart.
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use askstream::config::parse_span;
 use clap::Parser;
+use loadtest::compare::{self, Comparison, Config};
 use loadtest::engine::{self, Load, Settings};
 use loadtest::report::{self, Run};
 use loadtest::workload::{self, Sim, Workload};
@@ -38,7 +40,10 @@ use loadtest::{spawn, svg};
         loadtest --spawn --workload D --duration 5s\n  \
         loadtest --target 127.0.0.1:8080 --concurrency 200 --duration 30s --server-pid $(pidof askstream)\n  \
         loadtest --target localhost:8080 --rate 500 --duration 20s   open loop, Poisson arrivals\n  \
-        loadtest --spawn --quick                     a few seconds' smoke run (exit 1 on any error)"
+        loadtest --spawn --quick                     a few seconds' smoke run (exit 1 on any error)\n  \
+        loadtest --spawn --workload D --duration 5s --name memory --vs-name redis \\\n      \
+            --vs-arg=--quota-store --vs-arg=redis://127.0.0.1:6379\n      \
+            B (the Redis quota store) against A (in-memory), 3 interleaved rounds each"
 )]
 struct Args {
     /// Server to load: HOST:PORT or http://HOST:PORT; loopback only (127.0.0.0/8, ::1,
@@ -67,6 +72,37 @@ struct Args {
     /// The askstream binary for --spawn [default: next to this executable].
     #[arg(long, requires = "spawn")]
     server_bin: Option<PathBuf>,
+
+    /// With --spawn: one more flag for every spawned server (configuration A), after the
+    /// standard ones (a standard flag it names is dropped, so it overrides). Repeat for
+    /// each word; values may start with `-`: --server-arg=--quota-store
+    /// --server-arg=redis://127.0.0.1:6379.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    server_arg: Vec<String>,
+
+    /// Configuration A's name in reports [default: base].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// With --spawn: run a second configuration, B, whose servers get this flag (repeatable,
+    /// like --server-arg) instead of --server-arg's; each workload then runs --rounds times
+    /// per configuration, interleaved A, B, A, B, ..., and is reported A against B.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    vs_arg: Vec<String>,
+
+    /// With --spawn: run configuration B (as --vs-arg does) with this server binary
+    /// [default: A's].
+    #[arg(long, value_name = "PATH")]
+    vs_bin: Option<PathBuf>,
+
+    /// Configuration B's name in reports [default: vs].
+    #[arg(long, value_name = "NAME")]
+    vs_name: Option<String>,
+
+    /// Runs of each workload per configuration, each against a fresh server [default: 3
+    /// with configuration B, else 1].
+    #[arg(long, value_name = "N")]
+    rounds: Option<u32>,
 
     /// Pid of an already running server, to report its CPU and memory.
     #[arg(long, conflicts_with = "spawn")]
@@ -186,6 +222,7 @@ fn main() -> ExitCode {
 
 /// Runs every workload; `Ok(false)` when any had errors.
 fn run(args: &Args) -> Result<bool, String> {
+    let rounds = check_configs(args)?;
     let workloads = plan(args)?;
     let target = match (&args.target, args.spawn) {
         (_, true) => None,
@@ -197,6 +234,9 @@ fn run(args: &Args) -> Result<bool, String> {
         (true, Some(path)) => Some(path.clone()),
         (true, None) => Some(spawn::locate_server()?),
     };
+    let configs = configs(args, server_bin.as_deref());
+    // Several runs per workload: each labelled, and each workload compared over them.
+    let several = configs.len() > 1 || rounds > 1;
 
     let most_open = workloads
         .iter()
@@ -216,10 +256,10 @@ fn run(args: &Args) -> Result<bool, String> {
             "loadtest is a debug build: its own costs inflate the figures; use --release".into(),
         );
     }
-    if let Some(bin) = &server_bin
-        && bin.components().any(|c| c.as_os_str() == "debug")
-    {
-        notes.push(format!("{} looks like a debug build", bin.display()));
+    for bin in configs.iter().filter_map(|c| c.binary.as_ref()) {
+        if bin.components().any(|c| c.as_os_str() == "debug") {
+            notes.push(format!("{} looks like a debug build", bin.display()));
+        }
     }
     let server_cpu = if args.spawn {
         pin(args, cpus.unwrap_or(1), &mut notes)
@@ -237,46 +277,78 @@ fn run(args: &Args) -> Result<bool, String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
 
     let mut runs = Vec::new();
+    let mut comparisons = Vec::new();
     for w in &workloads {
-        let server = match &server_bin {
-            Some(binary) => Some(spawn::Server::start(&spawn::Launch {
-                binary: binary.clone(),
-                sim: w.sim,
-                max_streams: most_open.saturating_add(64),
-                cpu: server_cpu,
-                log: args.out_dir.join(format!("server-{}.log", w.name)),
-            })?),
-            None => None,
-        };
-        let addr = server
-            .as_ref()
-            .map_or_else(|| target.expect("target or spawn"), |s| s.addr);
-        let settings = settings(args, w, addr, server.as_ref().map(|s| s.pid));
-        let description = describe(args, w, &settings);
-        let result = runtime.block_on(engine::run(settings));
-        let mut run_notes = notes.clone();
-        if let Some(server) = server {
-            let log = server.log.clone();
-            if let Err(e) = server.stop() {
-                run_notes.push(format!("server: {e} (log: {})", log.display()));
+        let first = runs.len();
+        for (c, round) in compare::schedule(configs.len(), rounds) {
+            let config = &configs[c];
+            let sim = w.sim.with_server_args(&config.server_args);
+            let log = if several {
+                format!("server-{}-{}-{round}.log", w.name, file_safe(&config.name))
+            } else {
+                format!("server-{}.log", w.name)
+            };
+            let server = match &config.binary {
+                Some(binary) => Some(spawn::Server::start(&spawn::Launch {
+                    binary: binary.clone(),
+                    sim,
+                    max_streams: most_open.saturating_add(64),
+                    cpu: server_cpu,
+                    log: args.out_dir.join(log),
+                    server_args: config.server_args.clone(),
+                })?),
+                None => None,
+            };
+            let addr = server
+                .as_ref()
+                .map_or_else(|| target.expect("target or spawn"), |s| s.addr);
+            let settings = settings(args, w, sim, addr, server.as_ref().map(|s| s.pid));
+            let mut description = describe(args, sim, &settings);
+            if several || !config.server_args.is_empty() {
+                description.push_str(&format!("; server: {}", config.describe()));
             }
+            let result = runtime.block_on(engine::run(settings));
+            let mut run_notes = notes.clone();
+            if let Some(server) = server {
+                let log = server.log.clone();
+                if let Err(e) = server.stop() {
+                    run_notes.push(format!("server: {e} (log: {})", log.display()));
+                }
+            }
+            let results = result.map_err(|e| e.to_string())?;
+            let run = Run {
+                name: w.name.clone(),
+                title: w.title.clone(),
+                description,
+                results,
+                notes: run_notes,
+                config: several.then(|| config.name.clone()),
+                round: several.then_some(round),
+            };
+            print!("{}", report::table(&run));
+            runs.push(run);
         }
-        let results = result.map_err(|e| e.to_string())?;
-        let run = Run {
-            name: w.name.clone(),
-            title: w.title.clone(),
-            description,
-            results,
-            notes: run_notes,
-        };
-        print!("{}", report::table(&run));
-        runs.push(run);
+        if several {
+            comparisons.push(Comparison::of(
+                &w.name,
+                &w.title,
+                &configs,
+                rounds,
+                &runs[first..],
+            ));
+        }
     }
 
     println!("\n{}", report::summary(&runs));
+    for comparison in &comparisons {
+        print!("{}", comparison.table());
+    }
+    if !comparisons.is_empty() {
+        println!();
+    }
     if let Some(path) = &args.json {
         let command: Vec<String> = std::env::args().collect();
-        let text = serde_json::to_string_pretty(&report::json(&runs, &command, cpus))
+        let text = serde_json::to_string_pretty(&report::json(&runs, &comparisons, &command, cpus))
             .map_err(|e| format!("cannot encode JSON: {e}"))?;
         write_file(path, &text)?;
         println!("JSON: {}", path.display());
@@ -289,7 +361,7 @@ fn run(args: &Args) -> Result<bool, String> {
         let series: Vec<svg::Series<'_>> = runs
             .iter()
             .map(|r| svg::Series {
-                title: format!("{}: {}", r.name, r.title),
+                title: format!("{}: {}{}", r.name, r.title, r.tag()),
                 subtitle: r.description.clone(),
                 ttft: &r.results.ttft,
             })
@@ -300,6 +372,87 @@ fn run(args: &Args) -> Result<bool, String> {
     Ok(runs
         .iter()
         .all(|r| r.results.error_count() == 0 && r.results.completed > 0))
+}
+
+/// Checks the configuration flags (`--server-arg`, `--vs-*`, `--name`s, `--rounds`) and
+/// returns the rounds per configuration.
+fn check_configs(args: &Args) -> Result<u32, String> {
+    let vs = !args.vs_arg.is_empty() || args.vs_bin.is_some();
+    if vs && !args.spawn {
+        return Err(
+            "--vs-arg and --vs-bin run a second server configuration (B), which the \
+             tool spawns: add --spawn (and drop --target; B cannot be a running server)"
+                .into(),
+        );
+    }
+    if !args.server_arg.is_empty() && !args.spawn {
+        return Err(
+            "--server-arg is passed to the servers the tool spawns: add --spawn (a --target \
+             server keeps the flags it was started with)"
+                .into(),
+        );
+    }
+    if args.vs_name.is_some() && !vs {
+        return Err("--vs-name names configuration B, which --vs-arg or --vs-bin enables".into());
+    }
+    let (a, b) = names(args);
+    if a.trim().is_empty() || b.trim().is_empty() {
+        return Err("--name and --vs-name must not be empty".into());
+    }
+    if vs && a == b {
+        return Err(format!(
+            "both configurations are named `{a}`: give --name and --vs-name different values"
+        ));
+    }
+    match args.rounds {
+        Some(0) => Err("--rounds must be at least 1".into()),
+        Some(n) => Ok(n),
+        None if vs => Ok(3),
+        None => Ok(1),
+    }
+}
+
+/// The names of configurations A and B.
+fn names(args: &Args) -> (&str, &str) {
+    (
+        args.name.as_deref().unwrap_or("base"),
+        args.vs_name.as_deref().unwrap_or("vs"),
+    )
+}
+
+/// The server configurations, A then (when enabled) B; `server_bin` is A's binary with
+/// --spawn, `None` for a --target.
+fn configs(args: &Args, server_bin: Option<&Path>) -> Vec<Config> {
+    let (a, b) = names(args);
+    let mut configs = vec![Config {
+        name: a.into(),
+        binary: server_bin.map(Path::to_path_buf),
+        server_args: args.server_arg.clone(),
+    }];
+    if !args.vs_arg.is_empty() || args.vs_bin.is_some() {
+        configs.push(Config {
+            name: b.into(),
+            binary: args
+                .vs_bin
+                .clone()
+                .or_else(|| server_bin.map(Path::to_path_buf)),
+            server_args: args.vs_arg.clone(),
+        });
+    }
+    configs
+}
+
+/// `name` with anything but letters, digits, `-` and `_` replaced, for a file name.
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The workloads to run, with the flags' overrides applied.
@@ -352,8 +505,15 @@ fn plan(args: &Args) -> Result<Vec<Workload>, String> {
     Ok(workloads)
 }
 
-/// The engine's settings for workload `w` against `addr`.
-fn settings(args: &Args, w: &Workload, addr: SocketAddr, server_pid: Option<u32>) -> Settings {
+/// The engine's settings for workload `w` against `addr`, whose server (when spawned) runs
+/// `sim`.
+fn settings(
+    args: &Args,
+    w: &Workload,
+    sim: Sim,
+    addr: SocketAddr,
+    server_pid: Option<u32>,
+) -> Settings {
     let load = match args.rate {
         Some(rate) => Load::Open {
             rate,
@@ -378,17 +538,17 @@ fn settings(args: &Args, w: &Workload, addr: SocketAddr, server_pid: Option<u32>
         max_streams_total: args.max_streams_total,
         expect_tokens: args
             .expect_tokens
-            .or(args.spawn.then_some(u64::from(w.sim.tokens))),
+            .or(args.spawn.then_some(u64::from(sim.tokens))),
         server_pid: server_pid.or(args.server_pid),
         progress: !args.no_progress,
         seed: args.seed,
     }
 }
 
-/// One line saying what was run.
-fn describe(args: &Args, w: &Workload, s: &Settings) -> String {
+/// One line saying what was run, against a server running `sim` when spawned.
+fn describe(args: &Args, sim: Sim, s: &Settings) -> String {
     let sim = if args.spawn {
-        w.sim.describe()
+        sim.describe()
     } else {
         "the server's own sim settings".into()
     };
@@ -518,5 +678,87 @@ mod tests {
         assert_eq!(plan(&args).unwrap()[0].concurrency, 3);
         assert!(Args::try_parse_from(["loadtest", "--spawn", "--target", "127.0.0.1:1"]).is_err());
         assert!(Args::try_parse_from(["loadtest", "--rate", "5", "--concurrency", "3"]).is_err());
+    }
+
+    #[test]
+    fn server_args_may_start_with_a_dash() {
+        let args = Args::try_parse_from([
+            "loadtest",
+            "--spawn",
+            "--server-arg=--quota-store",
+            "--server-arg=redis://127.0.0.1:6399",
+            "--server-arg",
+            "--x",
+            "--vs-arg=--sim-tokens",
+            "--vs-arg",
+            "32",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.server_arg,
+            ["--quota-store", "redis://127.0.0.1:6399", "--x"]
+        );
+        assert_eq!(args.vs_arg, ["--sim-tokens", "32"]);
+        assert_eq!(check_configs(&args), Ok(3));
+        let configs = configs(&args, Some(Path::new("bin/askstream")));
+        assert_eq!(configs.len(), 2);
+        assert_eq!(
+            (configs[0].name.as_str(), configs[1].name.as_str()),
+            ("base", "vs")
+        );
+        assert_eq!(configs[0].server_args, args.server_arg);
+        // B gets its own flags, not A's, and A's binary by default.
+        assert_eq!(configs[1].server_args, args.vs_arg);
+        assert_eq!(configs[1].binary, configs[0].binary);
+    }
+
+    #[test]
+    fn configurations_and_rounds() {
+        let parse = |flags: &[&str]| {
+            let mut all = vec!["loadtest"];
+            all.extend(flags);
+            Args::try_parse_from(all).unwrap()
+        };
+        // Without B: one configuration, one round, as before.
+        let args = parse(&["--spawn"]);
+        assert_eq!(check_configs(&args), Ok(1));
+        assert_eq!(configs(&args, Some(Path::new("a"))).len(), 1);
+        // --rounds alone repeats A, with or without --spawn.
+        assert_eq!(check_configs(&parse(&["--rounds", "4"])), Ok(4));
+        assert_eq!(configs(&parse(&["--rounds", "4"]), None)[0].binary, None);
+        // --vs-bin alone enables B, with its own binary and names.
+        let args = parse(&[
+            "--spawn",
+            "--vs-bin",
+            "b",
+            "--name",
+            "x",
+            "--vs-name",
+            "y",
+            "--rounds",
+            "2",
+        ]);
+        assert_eq!(check_configs(&args), Ok(2));
+        let c = configs(&args, Some(Path::new("a")));
+        assert_eq!(c[1].binary.as_deref(), Some(Path::new("b")));
+        assert_eq!((c[0].name.as_str(), c[1].name.as_str()), ("x", "y"));
+        assert!(c[1].server_args.is_empty());
+
+        let refused = |flags: &[&str], why: &str| {
+            let err = check_configs(&parse(flags)).unwrap_err();
+            assert!(err.contains(why), "{flags:?}: {err}");
+        };
+        refused(&["--vs-arg=--x"], "add --spawn");
+        refused(&["--vs-bin", "b", "--target", "127.0.0.1:1"], "add --spawn");
+        refused(&["--server-arg=--x"], "add --spawn");
+        refused(&["--spawn", "--vs-name", "y"], "--vs-arg or --vs-bin");
+        refused(&["--spawn", "--vs-arg=--x", "--name", "vs"], "different");
+        refused(&["--spawn", "--rounds", "0"], "at least 1");
+    }
+
+    #[test]
+    fn log_names_are_file_safe() {
+        assert_eq!(file_safe("redis://x y"), "redis___x_y");
+        assert_eq!(file_safe("base-1_a"), "base-1_a");
     }
 }

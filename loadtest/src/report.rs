@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::compare::Comparison;
 use crate::engine::{Load, Results};
 use crate::histogram::Histogram;
 
@@ -25,6 +26,23 @@ pub struct Run {
     pub results: Results,
     /// Things the reader must know to trust the numbers (pinning, bottlenecks...).
     pub notes: Vec<String>,
+    /// The server configuration's name (`--name`, `--vs-name`), when the run is one of
+    /// several rounds or configurations; `None` for a lone run.
+    pub config: Option<String>,
+    /// Which of the configuration's rounds (from 1), likewise.
+    pub round: Option<u32>,
+}
+
+impl Run {
+    /// ` [base, round 2]` for one of several runs of a workload, else empty.
+    pub fn tag(&self) -> String {
+        match (&self.config, self.round) {
+            (Some(c), Some(r)) => format!(" [{c}, round {r}]"),
+            (Some(c), None) => format!(" [{c}]"),
+            (None, Some(r)) => format!(" [round {r}]"),
+            (None, None) => String::new(),
+        }
+    }
 }
 
 /// Figures derived from the raw results.
@@ -111,7 +129,7 @@ pub fn table(run: &Run) -> String {
     let r = &run.results;
     let d = Derived::of(r);
     let mut out = String::new();
-    let _ = writeln!(out, "\n== {}: {}", run.name, run.title);
+    let _ = writeln!(out, "\n== {}: {}{}", run.name, run.title, run.tag());
     let _ = writeln!(out, "   {}", run.description);
     let _ = writeln!(
         out,
@@ -221,8 +239,9 @@ pub fn summary(runs: &[Run]) -> String {
         let q = |h: &Histogram, p: f64| fmt_ns_opt(h.quantile(p));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
             run.name,
+            run.tag(),
             q(&r.ttft, 0.5),
             q(&r.ttft, 0.9),
             q(&r.ttft, 0.99),
@@ -244,8 +263,15 @@ pub fn summary(runs: &[Run]) -> String {
     out
 }
 
-/// Everything, machine-readable. Times are in milliseconds, memory in bytes.
-pub fn json(runs: &[Run], command: &[String], cpus: Option<usize>) -> Value {
+/// Everything, machine-readable. Times are in milliseconds, memory in bytes. A run that is
+/// one of several has `config` and `round`; `comparisons` (one per workload, see
+/// [`Comparison::json`]) appear when there are any.
+pub fn json(
+    runs: &[Run],
+    comparisons: &[Comparison],
+    command: &[String],
+    cpus: Option<usize>,
+) -> Value {
     let runs: Vec<Value> = runs
         .iter()
         .map(|run| {
@@ -258,7 +284,7 @@ pub fn json(runs: &[Run], command: &[String], cpus: Option<usize>) -> Value {
                     json!({ "kind": "open", "rate": rate, "max_in_flight": max_in_flight })
                 }
             };
-            json!({
+            let mut value = json!({
                 "workload": run.name,
                 "title": run.title,
                 "description": run.description,
@@ -307,16 +333,27 @@ pub fn json(runs: &[Run], command: &[String], cpus: Option<usize>) -> Value {
                 },
                 "notes": run.notes,
                 "warnings": warnings(r),
-            })
+            });
+            if let Some(config) = &run.config {
+                value["config"] = json!(config);
+            }
+            if let Some(round) = run.round {
+                value["round"] = json!(round);
+            }
+            value
         })
         .collect();
-    json!({
+    let mut all = json!({
         "tool": "askstream loadtest",
         "version": env!("CARGO_PKG_VERSION"),
         "command": command,
         "cpus": cpus,
         "runs": runs,
-    })
+    });
+    if !comparisons.is_empty() {
+        all["comparisons"] = comparisons.iter().map(Comparison::json).collect();
+    }
+    all
 }
 
 /// A histogram's summary in milliseconds, or null when it is empty.

@@ -42,6 +42,10 @@ pub struct Launch {
     pub cpu: Option<usize>,
     /// File for its stderr.
     pub log: PathBuf,
+    /// Extra flags (`--server-arg`, `--vs-arg`), after the standard ones. A standard flag
+    /// they name is left out rather than repeated (askstream's flag parser refuses a flag
+    /// given twice), so these override it.
+    pub server_args: Vec<String>,
 }
 
 /// Finds the askstream binary next to this executable (where cargo builds both: the
@@ -98,14 +102,7 @@ impl Server {
             }
             None => Command::new(&launch.binary),
         };
-        // Port 0 and the log line, rather than guessing a free port: no race with others.
-        cmd.args(["--listen", "127.0.0.1:0"])
-            .args(["--sim-ttft-ms", &launch.sim.ttft_ms.to_string()])
-            .args(["--sim-token-ms", &launch.sim.token_ms.to_string()])
-            .args(["--sim-tokens", &launch.sim.tokens.to_string()])
-            .args(["--quota-limit", "1000000000"])
-            .args(["--max-streams", &launch.max_streams.to_string()])
-            .args(["--shutdown-grace-secs", "2"])
+        cmd.args(command_line(launch))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -209,6 +206,54 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+/// The server's flags: the standard ones, less those `launch.server_args` name, then
+/// `launch.server_args`.
+pub(crate) fn command_line(launch: &Launch) -> Vec<String> {
+    // Port 0 and the log line, rather than guessing a free port: no race with others.
+    let standard = [
+        ("--listen", "127.0.0.1:0".to_string()),
+        ("--sim-ttft-ms", launch.sim.ttft_ms.to_string()),
+        ("--sim-token-ms", launch.sim.token_ms.to_string()),
+        ("--sim-tokens", launch.sim.tokens.to_string()),
+        ("--quota-limit", "1000000000".to_string()),
+        ("--max-streams", launch.max_streams.to_string()),
+        ("--shutdown-grace-secs", "2".to_string()),
+    ];
+    let mut line = Vec::new();
+    for (flag, value) in standard {
+        if !names_flag(&launch.server_args, flag) {
+            line.push(flag.to_string());
+            line.push(value);
+        }
+    }
+    line.extend(launch.server_args.iter().cloned());
+    line
+}
+
+/// Whether `args` give `flag`, as `--flag VALUE` or `--flag=VALUE`.
+fn names_flag(args: &[String], flag: &str) -> bool {
+    args.iter().any(|a| {
+        a.strip_prefix(flag)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+    })
+}
+
+/// The value `args` give `flag` (`--flag VALUE` or `--flag=VALUE`; the last one counts).
+pub(crate) fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let mut found = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if let Some(rest) = a.strip_prefix(flag) {
+            if rest.is_empty() {
+                found = it.next().map(String::as_str);
+            } else if let Some(value) = rest.strip_prefix('=') {
+                found = Some(value);
+            }
+        }
+    }
+    found
 }
 
 /// The address in a log line like `... listening (HTTP/1.1 and h2c) addr=127.0.0.1:41234`.
@@ -321,5 +366,65 @@ mod tests {
         );
         assert_eq!(listening_addr("WARN open mode addr=127.0.0.1:1"), None);
         assert_eq!(listening_addr("INFO listening"), None);
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn extra_flags_come_last_and_replace_standard_ones() {
+        let launch = |server_args: &[&str]| Launch {
+            binary: "askstream".into(),
+            sim: Sim {
+                ttft_ms: 0,
+                token_ms: 20,
+                tokens: 64,
+            },
+            max_streams: 74,
+            cpu: None,
+            log: "server.log".into(),
+            server_args: strings(server_args),
+        };
+        let plain = command_line(&launch(&[]));
+        assert_eq!(plain[..2], strings(&["--listen", "127.0.0.1:0"]));
+        assert!(
+            plain
+                .windows(2)
+                .any(|w| w == strings(&["--sim-tokens", "64"]))
+        );
+
+        let line = command_line(&launch(&["--sim-tokens", "32", "--max-streams=9", "--x"]));
+        assert_eq!(
+            line.iter()
+                .filter(|a| a.starts_with("--sim-tokens"))
+                .count(),
+            1
+        );
+        assert_eq!(
+            line.iter()
+                .filter(|a| a.starts_with("--max-streams"))
+                .count(),
+            1
+        );
+        assert_eq!(
+            line[line.len() - 4..],
+            strings(&["--sim-tokens", "32", "--max-streams=9", "--x"])
+        );
+        // A flag that merely starts like a standard one does not replace it.
+        let line = command_line(&launch(&["--sim-tokens-extra", "1"]));
+        assert!(
+            line.windows(2)
+                .any(|w| w == strings(&["--sim-tokens", "64"]))
+        );
+    }
+
+    #[test]
+    fn flag_values() {
+        let args = strings(&["--a", "1", "--b=2", "--a=3", "--c"]);
+        assert_eq!(flag_value(&args, "--a"), Some("3"));
+        assert_eq!(flag_value(&args, "--b"), Some("2"));
+        assert_eq!(flag_value(&args, "--c"), None);
+        assert_eq!(flag_value(&args, "--d"), None);
     }
 }

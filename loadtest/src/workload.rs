@@ -21,6 +21,26 @@ impl Sim {
         )
     }
 
+    /// The sim a server started with extra flags `args` runs: a `--sim-ttft-ms`,
+    /// `--sim-token-ms` or `--sim-tokens` among them (`--flag V` or `--flag=V`) replaces the
+    /// workload's, so reports and the expected token count follow it. A value that does not
+    /// parse is left to the server to refuse.
+    pub fn with_server_args(mut self, args: &[String]) -> Sim {
+        let value = |flag: &str| -> Option<u64> {
+            crate::spawn::flag_value(args, flag).and_then(|v| v.parse().ok())
+        };
+        if let Some(v) = value("--sim-ttft-ms") {
+            self.ttft_ms = v;
+        }
+        if let Some(v) = value("--sim-token-ms") {
+            self.token_ms = v;
+        }
+        if let Some(v) = value("--sim-tokens") {
+            self.tokens = u32::try_from(v).unwrap_or(self.tokens);
+        }
+        self
+    }
+
     /// One line for reports: "TTFT 0 ms, 64 tokens 20 ms apart".
     pub fn describe(&self) -> String {
         let pace = if self.token_ms == 0 {
@@ -182,6 +202,24 @@ mod tests {
         assert_eq!(names("all"), ["A", "B", "C", "D"]);
         assert_eq!(names("d, a"), ["D", "A"]);
         assert!(parse_list("A,X").is_err());
+    }
+
+    #[test]
+    fn server_args_override_the_sim() {
+        let sim = standard("D").unwrap().sim;
+        let args: Vec<String> = [
+            "--quota-store",
+            "memory",
+            "--sim-tokens",
+            "32",
+            "--sim-token-ms=5",
+        ]
+        .map(String::from)
+        .to_vec();
+        let over = sim.with_server_args(&args);
+        assert_eq!((over.ttft_ms, over.token_ms, over.tokens), (0, 5, 32));
+        assert_eq!(sim.with_server_args(&[]), sim);
+        assert_eq!(sim.with_server_args(&["--sim-tokens=x".into()]), sim);
     }
 
     #[test]
