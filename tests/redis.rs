@@ -293,21 +293,17 @@ async fn a_dead_store_refuses_with_quota_unavailable_and_a_returning_one_heals()
         assert!(tokio::time::Instant::now() < deadline, "never healed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let metrics = {
-        let mut c = RawConn::connect(server.addr).await;
-        c.get("/metrics", "").await;
-        let head = c.read_head().await;
-        String::from_utf8(c.read_body(&head).await).unwrap()
-    };
-    let errors = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("askstream_quota_store_errors_total "))
-        .expect("the store's error counter is exposed");
-    assert!(errors.parse::<u64>().unwrap() >= 3, "{metrics}");
+    assert!(metric(&server, "askstream_quota_store_errors_total").await >= 3);
     assert!(
-        metrics.contains("askstream_asks_total{outcome=\"rejected\",code=\"QUOTA_UNAVAILABLE\"}"),
-        "{metrics}"
+        metric(
+            &server,
+            "askstream_asks_total{outcome=\"rejected\",code=\"QUOTA_UNAVAILABLE\"}"
+        )
+        .await
+            >= 2,
+        "the streaming and the JSON ask"
     );
+    assert!(metric(&server, "askstream_quota_store_seconds_count").await > 0);
 }
 
 /// A store slower than the timeout: the ask is refused, and the charge the store made
@@ -361,6 +357,11 @@ async fn an_answer_longer_than_its_lease_keeps_its_charge() {
     server.settled().await;
     server.service.flush_quota().await;
     assert_eq!(remaining(server.addr, user).await, 4);
+    let renewed = metric(&server, "askstream_quota_leases_renewed_total").await;
+    assert!(
+        renewed >= 2,
+        "a 3 s answer on a 1 s lease is renewed: {renewed}"
+    );
 }
 
 /// kill -9 of an instance with answers in flight: its charges stay held (no overdraft),
@@ -401,6 +402,18 @@ async fn a_killed_instance_gives_its_charges_back_within_the_lease() {
     // Then given back: only what the observer delivered stays charged.
     let kept = if head.status == 200 { 2 } else { 1 };
     remaining_becomes(&observer, user, 3 - kept, Duration::from_secs(30)).await;
+}
+
+/// One sample of `GET /metrics`, by its full series name.
+async fn metric(server: &TestServer, series: &str) -> u64 {
+    let mut c = RawConn::connect(server.addr).await;
+    c.get("/metrics", "").await;
+    let head = c.read_head().await;
+    let text = String::from_utf8(c.read_body(&head).await).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
 /// The address a spawned askstream logs when it starts listening.

@@ -48,6 +48,23 @@
 //! their lease has certainly run out (a refund then has happened by itself; a settle is
 //! lost, and counted). The connection reconnects on its own, so the store coming back heals
 //! without a restart.
+//!
+//! # Failures designed out
+//!
+//! Counters shared in Redis by LLM gateways have failed their users in known ways; each
+//! is impossible here by construction:
+//!
+//! - *A decrement lost when a stream is cancelled* (the client left during cleanup) leaks
+//!   a slot for good: here nothing is decremented. A charge is a lease that runs out unless
+//!   renewed, and the refund is queued from the charge's `Drop`, which cannot be cancelled.
+//! - *An increment whose expiry is a second command* (cancelled in between) leaves a key
+//!   that never expires: every key's TTL is set inside the script that writes it.
+//! - *Incrementing before checking* leaks the rejected amount: the charge script checks,
+//!   then adds.
+//! - *A retried charge* counts twice: a charge is never retried; a timeout is an
+//!   `UNAVAILABLE` refusal and the lease covers the unknown outcome.
+//! - *Falling back to per-instance limits when the store fails* hands out N times the
+//!   quota: an unreachable store refuses asks instead.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
