@@ -269,6 +269,13 @@ impl std::fmt::Debug for KeyTable {
 /// The limit column: a whole number of asks per window.
 fn parse_limit(text: &str) -> Result<u32, String> {
     text.parse::<u32>().map_err(|e| match e.kind() {
+        // A long run of digits is quoted no more than any other long word: it may be a
+        // numeric key in the wrong column, and a line of a million digits is no message.
+        IntErrorKind::PosOverflow if text.len() > MAX_QUOTED_LIMIT => format!(
+            "the limit ({} digits) is too large (at most {})",
+            text.len(),
+            u32::MAX
+        ),
         IntErrorKind::PosOverflow => {
             format!("limit `{text}` is too large (at most {})", u32::MAX)
         }
@@ -426,7 +433,12 @@ sk-carol carol#not-a-comment\r
     #[test]
     fn parse_errors_name_the_line_and_never_the_key() {
         let secret = "sk-SECRET-123";
-        let cases: [(String, &str); 7] = [
+        let digits = "9".repeat(5000);
+        let cases: [(String, &str); 8] = [
+            (
+                format!("{secret} u {digits}"),
+                "line 1: the limit (5000 digits) is too large (at most 4294967295)",
+            ),
             (format!("ok u\n{secret}\n"), "line 2: a key with no user id"),
             (
                 format!("# c\n\n{secret} u abc\n"),

@@ -101,6 +101,23 @@ pub(crate) struct Flags {
     #[arg(long, env = "ASKSTREAM_MAX_BODY_BYTES", default_value_t = 65536)]
     max_body_bytes: u64,
 
+    /// Largest request head in bytes (request line and headers); larger gets 431. At least
+    /// 8192.
+    #[arg(long, env = "ASKSTREAM_MAX_HEADER_BYTES", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(8192..))]
+    max_header_bytes: u32,
+
+    /// Connections open at once; at the cap, accepting waits until one closes.
+    #[arg(long, env = "ASKSTREAM_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+
+    /// Concurrent streams per HTTP/2 connection.
+    #[arg(long, env = "ASKSTREAM_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams_per_connection: u32,
+
+    /// Longest answer in token events: sent upstream as `max_tokens` and enforced.
+    #[arg(long, env = "ASKSTREAM_MAX_ANSWER_TOKENS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    max_answer_tokens: u32,
+
     /// Answers in flight at once; more are refused with `OVERLOADED`.
     #[arg(long, env = "ASKSTREAM_MAX_STREAMS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_streams: u32,
@@ -167,6 +184,10 @@ impl Flags {
             heartbeat: Duration::from_secs(self.heartbeat_secs),
             stream_buffer: self.stream_buffer as usize,
             max_body_bytes: self.max_body_bytes,
+            max_header_bytes: self.max_header_bytes as usize,
+            max_connections: self.max_connections as usize,
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_answer_tokens: self.max_answer_tokens,
             max_streams: self.max_streams as usize,
             header_timeout: Duration::from_secs(self.header_timeout_secs),
             dead_peer: Duration::from_secs(self.dead_peer_secs),

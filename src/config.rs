@@ -42,6 +42,17 @@ pub struct ServiceConfig {
     pub stream_buffer: usize,
     /// Largest request body accepted, in bytes, checked while reading.
     pub max_body_bytes: u64,
+    /// Largest request head (request line and headers, or an HTTP/2 header list), in
+    /// bytes; a larger one gets 431. At least 8192 (hyper's smallest read buffer).
+    pub max_header_bytes: usize,
+    /// Connections open at once; at the cap the server stops accepting until one closes,
+    /// so a flood of idle sockets cannot exhaust file descriptors.
+    pub max_connections: usize,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub max_streams_per_connection: u32,
+    /// Longest answer, in token events: sent upstream as `max_tokens`, and enforced here
+    /// (reaching it completes the answer), so a broken upstream cannot stream forever.
+    pub max_answer_tokens: u32,
     /// Answers in flight at once; more are refused with `OVERLOADED` rather than queued,
     /// so load beyond capacity fails fast instead of growing latency for everyone.
     pub max_streams: usize,
@@ -106,6 +117,10 @@ impl Default for ServiceConfig {
             heartbeat: Duration::from_secs(15),
             stream_buffer: 64,
             max_body_bytes: 65536,
+            max_header_bytes: 16384,
+            max_connections: 20_000,
+            max_streams_per_connection: 100,
+            max_answer_tokens: 2048,
             max_streams: 10_000,
             header_timeout: Duration::from_secs(10),
             dead_peer: Duration::from_secs(30),
@@ -147,6 +162,21 @@ impl ServiceConfig {
         }
         if self.max_streams == 0 {
             return bad("max_streams", "must allow at least one answer");
+        }
+        if self.max_header_bytes < 8192 {
+            return bad("max_header_bytes", "must be at least 8192");
+        }
+        if self.max_connections == 0 {
+            return bad("max_connections", "must allow at least one connection");
+        }
+        if self.max_streams_per_connection == 0 {
+            return bad(
+                "max_streams_per_connection",
+                "must allow at least one stream",
+            );
+        }
+        if self.max_answer_tokens == 0 {
+            return bad("max_answer_tokens", "must allow at least one token");
         }
         if self.heartbeat.is_zero() {
             return bad("heartbeat", "must be positive");

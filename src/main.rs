@@ -51,13 +51,33 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         // Handlers first: from here on SIGTERM means a graceful shutdown, never a kill.
-        let signal = askstream::shutdown::signal();
+        let mut signals = match askstream::shutdown::Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("askstream: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let service = match askstream::AskService::builder(config).build() {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("askstream: {e}");
                 return ExitCode::FAILURE;
             }
+        };
+        // The first signal drains (serve's grace period); a second ends the answers still
+        // running at once, refunded, for an operator who cannot wait out the grace.
+        let (first_tx, first) = tokio::sync::oneshot::channel::<()>();
+        let stopper = service.shutdown().clone();
+        tokio::spawn(async move {
+            signals.next().await;
+            let _ = first_tx.send(());
+            signals.next().await;
+            tracing::warn!("second signal: ending the answers still running now");
+            stopper.stop();
+        });
+        let signal = async {
+            let _ = first.await;
         };
         let listener = match tokio::net::TcpListener::bind(flags.listen).await {
             Ok(l) => l,

@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServiceConfig;
@@ -46,7 +47,19 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
     }
 
     let mut signal = pin!(signal);
+    // One permit per open connection (`--max-connections`): at the cap the loop waits
+    // here, and the kernel's backlog holds new connections, instead of accepting sockets
+    // it cannot serve (or running out of file descriptors).
+    let connections = Arc::new(Semaphore::new(config.max_connections));
     loop {
+        let permit = tokio::select! {
+            biased;
+            () = &mut signal => break,
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             biased;
             () = &mut signal => break,
@@ -69,6 +82,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
         let first_bytes_within = config.header_timeout;
         let stop_silent = stop_silent.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let Some(sniffed) = sniff(&stream, first_bytes_within, &stop_silent).await else {
                 return;
             };
@@ -197,23 +211,65 @@ impl Protocols {
     fn new(config: &ServiceConfig) -> Protocols {
         // hyper-util's builder wraps hyper's two but takes no finished ones, hence the
         // same settings twice.
+        // A head that does not fit hyper's read buffer is refused with 431; the buffer
+        // starts at 8 KiB whatever the cap, so the cap costs nothing until it is used.
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_timeout);
+            .header_read_timeout(config.header_timeout)
+            .max_buf_size(config.max_header_bytes);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2.timer(TokioTimer::new());
+        h2_settings(&mut http2, config);
         let mut unsure = auto::Builder::new(TokioExecutor::new());
         unsure
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_timeout);
-        unsure.http2().timer(TokioTimer::new());
+            .header_read_timeout(config.header_timeout)
+            .max_buf_size(config.max_header_bytes);
+        h2_settings(&mut unsure.http2(), config);
         Protocols {
             http1,
             http2,
             unsure,
         }
+    }
+}
+
+/// HTTP/2's bounds: concurrent streams per connection, the header list's size, and
+/// keep-alive pings every half `--dead-peer-secs` that drop a peer which does not answer
+/// one in time (TCP keepalive alone cannot see a peer whose kernel still ACKs).
+fn h2_settings<B: H2Settings>(b: &mut B, config: &ServiceConfig) {
+    let half = (config.dead_peer / 2).max(Duration::from_secs(1));
+    b.settings(
+        config.max_streams_per_connection,
+        u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX),
+        half,
+    );
+}
+
+/// The two HTTP/2 builders (hyper's and hyper-util's wrapper) take the same settings
+/// through different types.
+trait H2Settings {
+    fn settings(&mut self, streams: u32, header_list: u32, ping_every: Duration);
+}
+
+impl H2Settings for http2::Builder<TokioExecutor> {
+    fn settings(&mut self, streams: u32, header_list: u32, ping_every: Duration) {
+        self.timer(TokioTimer::new())
+            .max_concurrent_streams(streams)
+            .max_header_list_size(header_list)
+            .keep_alive_interval(ping_every)
+            .keep_alive_timeout(ping_every);
+    }
+}
+
+impl H2Settings for auto::Http2Builder<'_, TokioExecutor> {
+    fn settings(&mut self, streams: u32, header_list: u32, ping_every: Duration) {
+        self.timer(TokioTimer::new())
+            .max_concurrent_streams(streams)
+            .max_header_list_size(header_list)
+            .keep_alive_interval(ping_every)
+            .keep_alive_timeout(ping_every);
     }
 }
 

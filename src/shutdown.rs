@@ -53,31 +53,50 @@ impl Shutdown {
     }
 }
 
-/// Installs SIGINT and SIGTERM handlers now, and returns a future that resolves on the
-/// first of them (SIGINT only on non-Unix platforms).
+/// SIGINT and SIGTERM as they arrive (SIGINT only on non-Unix platforms).
 ///
-/// The handlers are installed when this is called, not when the future is first polled,
-/// so a signal that arrives right after the server starts listening is never lost.
-///
-/// # Panics
-/// If called outside a Tokio runtime with signal handling enabled.
-pub fn signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+/// The handlers are installed by [`Signals::install`], not when a wait first starts, so a
+/// signal that arrives right after the server starts listening is never lost. The binary
+/// waits twice: the first signal starts the drain, a second ends it at once.
+#[derive(Debug)]
+pub struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-        let int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-        async move {
-            let (mut term, mut int) = (term, int);
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    ///
+    /// # Errors
+    /// If the handlers cannot be installed (outside a Tokio runtime with signals enabled).
+    pub fn install() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Signals {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        async {
+
+    /// Resolves on the next SIGINT or SIGTERM.
+    pub async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
             let _ = tokio::signal::ctrl_c().await;
         }
     }

@@ -377,12 +377,16 @@ impl Drop for Child {
     }
 }
 
-/// `askstream` on SIGTERM: drains, ends the answer still thinking with `SHUTTING_DOWN`
-/// after `--shutdown-grace-secs`, and exits 0.
-///
-/// Real time (a real process): about one second, the grace period.
-#[tokio::test]
-async fn the_binary_exits_0_on_sigterm() {
+/// The askstream binary, with a first token an hour away, its log lines on a channel, and
+/// the address it listens on.
+fn spawn_binary(
+    grace_secs: &str,
+) -> (
+    Child,
+    std::sync::mpsc::Receiver<String>,
+    Vec<String>,
+    SocketAddr,
+) {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     use std::sync::mpsc;
@@ -392,7 +396,7 @@ async fn the_binary_exits_0_on_sigterm() {
         "--listen",
         "127.0.0.1:0",
         "--shutdown-grace-secs",
-        "1",
+        grace_secs,
         "--ttft-timeout-ms",
         "7200000",
     ])
@@ -407,10 +411,9 @@ async fn the_binary_exits_0_on_sigterm() {
     }
     // Set through the environment, as the README promises every flag can be: were the
     // variable ignored, the default 150 ms first token would finish the answer with
-    // `done` instead of the `SHUTTING_DOWN` this test expects.
+    // `done` instead of the `SHUTTING_DOWN` these tests expect.
     cmd.env("ASKSTREAM_SIM_TTFT_MS", "3600000");
     let mut child = Child(cmd.spawn().expect("spawn askstream"));
-    let pid = child.0.id();
 
     // stderr, line by line, on a thread (the pipe must keep draining).
     let stderr = child.0.stderr.take().unwrap();
@@ -438,6 +441,37 @@ async fn the_binary_exits_0_on_sigterm() {
             break addr.parse().expect("a socket address");
         }
     };
+    (child, lines, log, addr)
+}
+
+/// Sends `signal` to the child.
+fn send_signal(child: &Child, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &child.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+}
+
+/// Waits for the child's exit, bounded by `within`; its status.
+fn exit_within(child: &mut Child, within: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.0.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `askstream` on SIGTERM: drains, ends the answer still thinking with `SHUTTING_DOWN`
+/// after `--shutdown-grace-secs`, and exits 0.
+///
+/// Real time (a real process): about one second, the grace period.
+#[tokio::test]
+async fn the_binary_exits_0_on_sigterm() {
+    let (mut child, lines, mut log, addr) = spawn_binary("1");
     assert!(
         !log.iter().any(|l| l.contains('\u{1b}')),
         "no ANSI colours when stderr is not a terminal: {log:#?}"
@@ -447,28 +481,18 @@ async fn the_binary_exits_0_on_sigterm() {
     // signal handler) is running.
     let mut c = open_stream(addr, "binary").await;
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
+    send_signal(&child, "-TERM");
 
     let events = finish_stream(&mut c).await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_error_object(&events[0], "SHUTTING_DOWN", "the error event");
 
     // Wait for the exit, bounded (the grace period is 1 s).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the process did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = exit_within(
+        &mut child,
+        Duration::from_secs(30),
+        "the process did not exit after SIGTERM",
+    );
     assert!(status.success(), "exit status {status:?}");
 
     // The README's log promises: a warning about open mode at startup, and one line per
@@ -492,4 +516,49 @@ async fn the_binary_exits_0_on_sigterm() {
         log.iter().all(|l| !l.contains("user=binary")),
         "the token was logged: {log:#?}"
     );
+}
+
+/// A second signal during the grace period ends it at once: the answer still running
+/// gets `SHUTTING_DOWN` (refunded) and the process exits 0, an hour before its grace
+/// would have run out.
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_at_once() {
+    let (mut child, lines, mut log, addr) = spawn_binary("3600");
+    let mut c = open_stream(addr, "impatient").await;
+    send_signal(&child, "-TERM");
+    // Draining: the health check says so before the second signal is sent, so the two
+    // cannot be coalesced into one by the kernel.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no drain log line: {log:#?}"));
+        log.push(line.clone());
+        if line.contains("shutting down: draining") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log:#?}");
+    }
+    send_signal(&child, "-INT");
+    let events = tokio::time::timeout(Duration::from_secs(60), finish_stream(&mut c))
+        .await
+        .expect("the second signal ended the answer");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_error_object(&events[0], "SHUTTING_DOWN", "the error event");
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refunded")),
+        "{events:?}"
+    );
+    let status = exit_within(
+        &mut child,
+        Duration::from_secs(60),
+        "the process waited out its grace period after a second signal",
+    );
+    assert!(status.success(), "exit status {status:?}");
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(30)) {
+        log.push(line);
+    }
+    assert!(log.iter().any(|l| l.contains("second signal")), "{log:#?}");
 }

@@ -290,6 +290,7 @@ async fn a_client_that_stops_reading_gets_slow_client_and_a_refund() {
         // buffer (at most 4 MB here), hyper's write queue and the channel together, so
         // the producer must end up waiting on a full channel.
         support::sim(c).tokens = TOKENS;
+        c.max_answer_tokens = TOKENS;
         c.slow_client = Duration::from_secs(30);
         c.stream_buffer = 64;
     }))
@@ -359,6 +360,7 @@ async fn a_steady_slow_reader_gets_every_token_in_order() {
         // About 4.5 MB on the wire: more than the kernel can buffer for one connection
         // here, so the producer must wait on a full channel again and again.
         support::sim(c).tokens = TOKENS as u32;
+        c.max_answer_tokens = TOKENS as u32;
         c.slow_client = Duration::from_secs(30);
         c.heartbeat = Duration::from_secs(3600);
     }))

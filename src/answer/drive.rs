@@ -219,6 +219,11 @@ pub(super) async fn drive<S: Sink>(
                     stats.tokens += 1;
                     stats.first_token.get_or_insert(now);
                     clock.last_event = now;
+                    // The longest answer allowed is a complete one: drop the stream (which
+                    // stops an upstream) and deliver what was said.
+                    if stats.tokens >= p.max_tokens {
+                        return Ok(Generated { passages, usage });
+                    }
                 }
                 // The timer is re-armed lazily (it fires early, then moves on), which is
                 // sound only while deadlines move later. The first chunk swaps the

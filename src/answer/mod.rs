@@ -48,6 +48,8 @@ pub(crate) struct Pipeline {
     idle_timeout: Duration,
     heartbeat: Duration,
     slow_client: Duration,
+    /// Token events after which an answer is complete, whatever the generator says.
+    max_tokens: u32,
     metrics: Arc<Metrics>,
 }
 
@@ -66,6 +68,7 @@ impl Pipeline {
             idle_timeout: config.idle_timeout,
             heartbeat: config.heartbeat,
             slow_client: config.slow_client,
+            max_tokens: config.max_answer_tokens,
             metrics: Arc::new(Metrics::default()),
         }
     }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -37,6 +37,11 @@ pub struct QuotaMap {
     shards: Box<[Shard]>,
     /// Picks a shard from a user id; randomly keyed so clients cannot aim at one shard.
     hasher: RandomState,
+    /// The newest window a sweep has judged entries by. A charge that read the clock
+    /// before a sweep removed its user's entry (the clock crossed a boundary in between)
+    /// must not start a fresh count in the window that just ended: that user may have
+    /// used it up. Read under the shard lock, it moves such a charge to the new window.
+    swept: AtomicU32,
 }
 
 impl QuotaMap {
@@ -55,6 +60,7 @@ impl QuotaMap {
             window_secs,
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             hasher: RandomState::new(),
+            swept: AtomicU32::new(0),
         }
     }
 
@@ -87,14 +93,14 @@ impl QuotaMap {
         {
             let map = shard.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(entry) = map.get(user) {
-                return self.take(entry, limit, now);
+                return self.take(entry, limit, self.not_before_sweep(now));
             }
         }
         // A user seen for the first time. Another thread may have inserted it since the read
         // lock was released; `entry` keeps theirs if so.
         let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
         let entry = map.entry(Box::from(user)).or_default();
-        self.take(entry, limit, now)
+        self.take(entry, limit, self.not_before_sweep(now))
     }
 
     /// `user`'s standing as of `now_unix_secs`, without charging (and without inserting
@@ -134,6 +140,9 @@ impl QuotaMap {
     /// nothing never blocks a charge.
     pub fn sweep_at(&self, now_unix_secs: u64) -> usize {
         let now = self.window_index(now_unix_secs);
+        // Before any removal, and so before the write locks under which chargers will see
+        // it (see `swept`).
+        self.swept.fetch_max(now, Ordering::Relaxed);
         let stale = |e: &Arc<Entry>| e.window() < now;
         let mut removed = 0;
         for shard in &self.shards {
@@ -213,6 +222,12 @@ impl QuotaMap {
     /// (the year 2106 for one-second windows), so time never appears to go backwards.
     fn window_index(&self, unix_secs: u64) -> u32 {
         u32::try_from(unix_secs / self.window_secs).unwrap_or(u32::MAX)
+    }
+
+    /// `now`, or the newest window a sweep has used if that is later. Called under the
+    /// user's shard lock, which orders it after any sweep that removed entries there.
+    fn not_before_sweep(&self, now: u32) -> u32 {
+        now.max(self.swept.load(Ordering::Relaxed))
     }
 
     /// Unix seconds at which `window` ends.
@@ -517,6 +532,26 @@ mod tests {
         assert_eq!(q.raw("u"), Some((0, 0)));
         c.settle();
         assert_eq!(q.raw("u"), Some((0, 0)));
+    }
+
+    /// The race the sweeper's `swept` mark closes: a charge whose clock was read just
+    /// before a boundary, locking only after a sweep (judging by the new window) removed
+    /// the user's exhausted entry, must not start a fresh count in the old window.
+    #[test]
+    fn a_charge_that_read_the_clock_before_a_sweep_lands_in_the_sweeps_window() {
+        let q = map();
+        let last_second = 20_001 * DAY - 1;
+        for _ in 0..3 {
+            q.charge_at("u", 3, last_second).unwrap().settle();
+        }
+        assert!(q.charge_at("u", 3, last_second).is_err(), "exhausted");
+        // The clock crosses into the next day; the sweeper runs first.
+        assert_eq!(q.sweep_at(20_001 * DAY), 1);
+        // A charge that read the clock before the boundary gets the lock only now.
+        let late = q.charge_at("u", 3, last_second).unwrap();
+        assert_eq!(late.window(), 20_001, "counted in the new window");
+        late.settle();
+        assert_eq!(q.status_at("u", 3, 20_001 * DAY).remaining, 2);
     }
 
     #[test]
