@@ -130,7 +130,13 @@ impl Builder {
             (Some(g), _) => g,
             (None, GeneratorConfig::Sim(sim)) => Arc::new(SimGenerator::new(*sim)),
             (None, GeneratorConfig::OpenAi(upstream)) => {
-                Arc::new(OpenAiGenerator::new(upstream.clone()).map_err(StartupError::Upstream)?)
+                // The server ends an answer after `max_answer_tokens` token events; asking
+                // the model for no more saves it generating what would be cut. A smaller
+                // value of the embedder's own is kept.
+                let mut upstream = upstream.clone();
+                let cap = config.max_answer_tokens;
+                upstream.max_tokens = Some(upstream.max_tokens.map_or(cap, |n| n.min(cap)));
+                Arc::new(OpenAiGenerator::new(upstream).map_err(StartupError::Upstream)?)
             }
         };
         let quota = match quota {

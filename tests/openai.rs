@@ -1,7 +1,8 @@
 //! The `openai` generator (contract §4) against a fake OpenAI-compatible upstream, through the
 //! real server and real sockets: what the upstream receives, the exact tokens streamed,
 //! cancellation of the upstream request when the client leaves, every failure with its
-//! code and refund, timeouts, and connection reuse.
+//! code and refund, timeouts, connection reuse, and the bounds on what a broken or hostile
+//! upstream can cost (answer length, event size, unreadable bodies).
 //!
 //! Cancellation is proven without timing: the fake upstream hangs forever with its
 //! connection open, so when it sees that connection close, askstream closed it.
@@ -244,7 +245,12 @@ async fn the_upstream_receives_the_sources_the_question_and_the_key() {
     );
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("accept"), Some("text/event-stream"));
+    assert_eq!(r.header("accept-encoding"), Some("identity"));
     assert_eq!(r.body["model"], "test-model");
+    assert!(
+        r.body.get("max_tokens").is_none(),
+        "a generator built by hand without max_tokens sends none"
+    );
     assert_eq!(r.body["stream"], true);
     assert_eq!(r.body["stream_options"], json!({ "include_usage": true }));
 
@@ -266,6 +272,40 @@ async fn the_upstream_receives_the_sources_the_question_and_the_key() {
         );
         assert!(system.contains(&line), "the prompt lists {line:?}");
     }
+}
+
+/// `max_tokens` is `max_answer_tokens` (2048 by default), or the generator config's own
+/// value when that is smaller.
+#[tokio::test]
+async fn max_tokens_is_max_answer_tokens_unless_the_config_asks_for_fewer() {
+    let upstream = FakeUpstream::start(answer(&["ok"])).await;
+    // (max_answer_tokens if not the default, the generator config's own max_tokens)
+    for (max_answer_tokens, own) in [
+        (None, None),
+        (Some(100), None),
+        (None, Some(50)),
+        (None, Some(5000)),
+    ] {
+        let server = server_for(&upstream, |c| {
+            if let Some(n) = max_answer_tokens {
+                c.max_answer_tokens = n;
+            }
+            if let Some(n) = own {
+                c.generator = GeneratorConfig::OpenAi(
+                    OpenAiConfig::new(upstream.base_url(), "test-model").with_max_tokens(n),
+                );
+            }
+        })
+        .await;
+        let (_, events) = stream(&server, "max-tokens").await;
+        assert_eq!(tokens(&events), ["ok"]);
+    }
+    let sent: Vec<Value> = upstream
+        .requests()
+        .iter()
+        .map(|r| r.body["max_tokens"].clone())
+        .collect();
+    assert_eq!(sent, [json!(2048), json!(100), json!(50), json!(2048)]);
 }
 
 #[tokio::test]
@@ -441,7 +481,12 @@ async fn shutdown_closes_the_upstream_connection() {
 /// the streaming ask's events.
 async fn assert_fails(reply: Reply, code: &str, fragment: &str) -> Vec<Value> {
     let upstream = FakeUpstream::start(reply).await;
-    let server = server_with_key(&upstream).await;
+    assert_fails_on(&upstream, code, fragment).await
+}
+
+/// [`assert_fails`] against a running upstream, for tests that look at it afterwards.
+async fn assert_fails_on(upstream: &FakeUpstream, code: &str, fragment: &str) -> Vec<Value> {
+    let server = server_with_key(upstream).await;
     let status = if code == "UPSTREAM_TIMEOUT" { 504 } else { 502 };
 
     let (head_status, events) = stream(&server, "fail-stream").await;
@@ -598,6 +643,162 @@ async fn a_json_answer_instead_of_a_stream_is_upstream_error() {
         "instead of an event stream",
     )
     .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Bounded upstreams (contract §1.3): what a broken or hostile upstream can cost one ask
+// ---------------------------------------------------------------------------------------
+
+/// A body that never ends: the role chunk, then the same content delta forever.
+fn endless_tokens() -> Reply {
+    Reply::events(&[role_chunk()]).then_repeat(format!("data: {}\n\n", content_chunk("w")))
+}
+
+/// An upstream that would stream forever is stopped after `max_answer_tokens` token
+/// events: the answer is complete (`done`, charged), and the upstream connection closes.
+/// (The upstream never ends its body, so only askstream can have closed it.)
+#[tokio::test]
+async fn an_endless_answer_ends_at_max_answer_tokens_and_closes_the_upstream_connection() {
+    let upstream = FakeUpstream::start(endless_tokens()).await;
+    let server = server_for(&upstream, |c| c.max_answer_tokens = 5).await;
+
+    let (status, events) = stream(&server, "endless").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        tokens(&events),
+        ["w"; 5],
+        "exactly max_answer_tokens tokens"
+    );
+    assert_eq!(events.len(), 6, "then done, and nothing else: {events:?}");
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "done");
+    assert_eq!(done["usage"]["completionTokens"], 5);
+    upstream
+        .wait("its connection closing", |c| c.closed == 1)
+        .await;
+    assert_eq!(
+        settled_remaining(&server, "endless").await,
+        19,
+        "a complete answer is charged"
+    );
+    assert_eq!(upstream.requests()[0].body["max_tokens"], 5);
+
+    let (status, doc) = json_ask(&server, "endless-json").await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["answer"], "wwwww");
+    upstream
+        .wait("the second connection closing", |c| c.closed == 2)
+        .await;
+    assert_eq!(settled_remaining(&server, "endless-json").await, 19);
+}
+
+/// 64 KiB of `data:` lines, none of them blank: repeated forever, one event that never
+/// ends.
+fn data_lines_block() -> String {
+    format!("data: {}\n", "x".repeat(1017)).repeat(64)
+}
+
+#[tokio::test]
+async fn an_endless_multi_line_data_event_is_upstream_error() {
+    let reply =
+        Reply::events(&[role_chunk(), content_chunk("Half")]).then_repeat(data_lines_block());
+    let upstream = FakeUpstream::start(reply).await;
+    let events = assert_fails_on(
+        &upstream,
+        "UPSTREAM_ERROR",
+        "the upstream sent an event larger than 1 MiB",
+    )
+    .await;
+    assert_eq!(tokens(&events), ["Half"], "what came before was streamed");
+    assert_eq!(
+        events.last().unwrap()["message"],
+        "the upstream sent an event larger than 1 MiB"
+    );
+    // Both asks (stream and JSON) gave up their endless bodies.
+    upstream
+        .wait("both connections closing", |c| c.closed == 2)
+        .await;
+}
+
+/// One `data:` line that never ends (the decoder's line limit, as before, but now with
+/// the same message as any other event over 1 MiB).
+#[tokio::test]
+async fn an_endless_line_is_upstream_error() {
+    let mut reply = Reply::events(&[role_chunk(), content_chunk("Half")]);
+    reply.parts.push(Part::Bytes(Bytes::from_static(b"data: ")));
+    let reply = reply.then_repeat("y".repeat(64 * 1024));
+    let events = assert_fails(
+        reply,
+        "UPSTREAM_ERROR",
+        "the upstream sent an event larger than 1 MiB",
+    )
+    .await;
+    assert_eq!(tokens(&events), ["Half"]);
+}
+
+#[tokio::test]
+async fn a_plain_text_2xx_is_upstream_error_at_once() {
+    // The body never ends: askstream must judge the response by its head alone.
+    let reply = Reply::status(200, "text/plain; charset=utf-8", "Hello from a proxy").then_hang();
+    let upstream = FakeUpstream::start(reply).await;
+    let events = assert_fails_on(
+        &upstream,
+        "UPSTREAM_ERROR",
+        "the upstream answered text/plain instead of an event stream",
+    )
+    .await;
+    assert_eq!(events.len(), 1, "no token before the error");
+    assert_eq!(
+        events[0]["message"], "the upstream answered text/plain instead of an event stream",
+        "the body is not echoed"
+    );
+    upstream
+        .wait("both connections closing", |c| c.closed == 2)
+        .await;
+}
+
+#[tokio::test]
+async fn a_2xx_without_a_content_type_is_upstream_error() {
+    let mut reply = answer(&["Hi"]).then_hang();
+    reply.content_type.clear();
+    let events = assert_fails(
+        reply,
+        "UPSTREAM_ERROR",
+        "the upstream answered without a content-type instead of an event stream",
+    )
+    .await;
+    assert_eq!(events.len(), 1, "no token: the body was not read");
+}
+
+/// A compressed stream is refused from its head: were its (here uncompressed) body read,
+/// "Hi" would be streamed.
+#[tokio::test]
+async fn a_gzip_event_stream_is_upstream_error_at_once() {
+    let reply = answer(&["Hi"])
+        .with_header("content-encoding", "gzip")
+        .then_hang();
+    let upstream = FakeUpstream::start(reply).await;
+    let events = assert_fails_on(
+        &upstream,
+        "UPSTREAM_ERROR",
+        "the upstream sent a compressed event stream (content-encoding: gzip); askstream \
+         reads identity only",
+    )
+    .await;
+    assert_eq!(events.len(), 1, "no token: the body was not read");
+    upstream
+        .wait("both connections closing", |c| c.closed == 2)
+        .await;
+}
+
+#[tokio::test]
+async fn an_identity_content_encoding_is_read() {
+    let reply = answer(&["Plain", " bytes"]).with_header("content-encoding", "identity");
+    let upstream = FakeUpstream::start(reply).await;
+    let server = server_for(&upstream, |_| {}).await;
+    let (_, events) = stream(&server, "identity").await;
+    assert_eq!(tokens(&events), ["Plain", " bytes"]);
+    assert_eq!(events.last().unwrap()["type"], "done");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -17,7 +17,10 @@
 //!   straight into the [`Event`]'s strings, and comments cost nothing when
 //!   [`next_event`](Decoder::next_event) skips them.
 //! - **Bounded**: a line longer than the limit is an error even before its end arrives, so a
-//!   peer sending endless bytes without a newline cannot make the decoder buffer them all.
+//!   peer sending endless bytes without a newline cannot make the decoder buffer them all;
+//!   and an event whose `data` grows past the event limit is an error as soon as the line
+//!   that crosses it arrives, so a peer sending endless `data:` lines without the blank
+//!   line that ends an event cannot either.
 //! - **Exact**: the output does not depend on where the chunk boundaries fall.
 
 use std::borrow::Cow;
@@ -61,6 +64,12 @@ pub enum DecodeError {
         /// The limit that was exceeded.
         limit: usize,
     },
+    /// The `data` of one event (its `data` lines joined with `'\n'`, in bytes of UTF-8)
+    /// exceeded the decoder's event limit.
+    EventTooLarge {
+        /// The limit that was exceeded.
+        limit: usize,
+    },
 }
 
 impl fmt::Display for DecodeError {
@@ -68,6 +77,9 @@ impl fmt::Display for DecodeError {
         match self {
             Self::LineTooLong { limit } => {
                 write!(f, "event stream line longer than {limit} bytes")
+            }
+            Self::EventTooLarge { limit } => {
+                write!(f, "event stream event with more than {limit} bytes of data")
             }
         }
     }
@@ -92,13 +104,14 @@ pub enum Eof {
 /// [`next_event`](Self::next_event) until it returns `Ok(None)`; at the end of the stream call
 /// [`finish`](Self::finish).
 ///
-/// Memory is bounded by about twice the line limit plus the largest chunk fed, provided
-/// items are read between feeds.
+/// Memory is bounded by about twice the line limit plus the event limit plus the largest
+/// chunk fed, provided items are read between feeds.
 ///
 /// # After an error
-/// The only error is a line longer than the limit. It is sticky: the decoder frees its
-/// buffer, drops the event being built, ignores further input and returns the same error
-/// from every call until [`finish`](Self::finish) resets it for a new stream.
+/// The errors are a line longer than the line limit and an event whose `data` is larger
+/// than the event limit. Both are sticky: the decoder frees its buffer, drops the event
+/// being built, ignores further input and returns the same error from every call until
+/// [`finish`](Self::finish) resets it for a new stream.
 ///
 /// # Example
 /// ```
@@ -132,6 +145,8 @@ pub struct Decoder {
     /// in earlier chunks are not searched again.
     scan: usize,
     max_line: usize,
+    /// The most bytes of `data` one event may carry (see [`Decoder::with_max_event`]).
+    max_event: usize,
     /// No byte has been processed yet, so a BOM may still be dropped (and may still be
     /// arriving one byte at a time).
     at_stream_start: bool,
@@ -168,19 +183,58 @@ impl Decoder {
     /// bounding what one misbehaving stream can make the load tool hold.
     pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 
-    /// A decoder for a new stream, with [`DEFAULT_MAX_LINE`](Self::DEFAULT_MAX_LINE).
+    /// The default event limit: 1 MiB of `data` per event, multi-line data included. As
+    /// large as the longest line, so any single-line event the line limit lets through
+    /// fits; small enough that endless `data:` lines without a blank line cannot grow one
+    /// event without bound.
+    pub const DEFAULT_MAX_EVENT: usize = 1 << 20;
+
+    /// A decoder for a new stream, with [`DEFAULT_MAX_LINE`](Self::DEFAULT_MAX_LINE) and
+    /// [`DEFAULT_MAX_EVENT`](Self::DEFAULT_MAX_EVENT).
     pub fn new() -> Self {
         Self::with_max_line(Self::DEFAULT_MAX_LINE)
     }
 
     /// A decoder for a new stream that rejects lines longer than `max_line` bytes (line
     /// ending not counted). With 0, only blank lines are accepted.
+    ///
+    /// Its event limit is [`DEFAULT_MAX_EVENT`](Self::DEFAULT_MAX_EVENT), or `max_line` if
+    /// that is larger, so every event of one line within the line limit fits; change it
+    /// with [`with_max_event`](Self::with_max_event).
     pub fn with_max_line(max_line: usize) -> Self {
+        Self::with_limits(max_line, max_line.max(Self::DEFAULT_MAX_EVENT))
+    }
+
+    /// The same decoder with an event limit of `max_event`: an event whose `data` (its
+    /// `data` lines joined with `'\n'`, counted in bytes of UTF-8 after decoding) would be
+    /// longer than `max_event` bytes is [`DecodeError::EventTooLarge`], reported as soon as
+    /// the `data` line that crosses the limit has arrived, without waiting for the blank
+    /// line that would end the event. With 0, only events with empty data are accepted.
+    ///
+    /// Meant to be called on a new decoder, before anything is fed.
+    #[must_use]
+    pub fn with_max_event(mut self, max_event: usize) -> Self {
+        self.max_event = max_event;
+        self
+    }
+
+    /// The line limit, in bytes.
+    pub fn max_line(&self) -> usize {
+        self.max_line
+    }
+
+    /// The event limit, in bytes of `data`.
+    pub fn max_event(&self) -> usize {
+        self.max_event
+    }
+
+    fn with_limits(max_line: usize, max_event: usize) -> Self {
         Self {
             buf: Vec::new(),
             start: 0,
             scan: 0,
             max_line,
+            max_event,
             at_stream_start: true,
             after_cr: false,
             failed: None,
@@ -208,8 +262,10 @@ impl Decoder {
     /// The next event or comment, or `Ok(None)` when more bytes are needed.
     ///
     /// # Errors
-    /// [`DecodeError::LineTooLong`] when a line is, or is about to be, longer than the limit;
-    /// the decoder then stays failed (see the type's `# After an error`).
+    /// [`DecodeError::LineTooLong`] when a line is, or is about to be, longer than the line
+    /// limit; [`DecodeError::EventTooLarge`] when a `data` line makes the event's data
+    /// longer than the event limit. The decoder then stays failed (see the type's
+    /// `# After an error`).
     pub fn next_item(&mut self) -> Result<Option<Item>, DecodeError> {
         self.next_inner(true)
     }
@@ -230,7 +286,7 @@ impl Decoder {
         }
     }
 
-    /// Ends the stream and resets the decoder for a new one (keeping its limit and buffer
+    /// Ends the stream and resets the decoder for a new one (keeping its limits and buffer
     /// capacity).
     ///
     /// As the WHATWG rules require, an event whose blank line never arrived is not an event:
@@ -243,7 +299,7 @@ impl Decoder {
         buf.clear();
         *self = Self {
             buf,
-            ..Self::with_max_line(self.max_line)
+            ..Self::with_limits(self.max_line, self.max_event)
         };
         if truncated {
             Eof::Truncated
@@ -294,19 +350,21 @@ impl Decoder {
             }
             let Some(end) = self.find_line_end() else {
                 if self.buf.len() - self.start > self.max_line {
-                    return Err(self.fail());
+                    return Err(self.line_too_long());
                 }
                 return Ok(None);
             };
             if end - self.start > self.max_line {
-                return Err(self.fail());
+                return Err(self.line_too_long());
             }
             let line_start = self.start;
             self.after_cr = self.buf[end] == b'\r';
             self.start = end + 1;
             self.scan = self.start;
-            if let Some(item) = self.process_line(line_start, end, comments) {
-                return Ok(Some(item));
+            match self.process_line(line_start, end, comments) {
+                Ok(Some(item)) => return Ok(Some(item)),
+                Ok(None) => {}
+                Err(err) => return Err(self.fail(err)),
             }
         }
     }
@@ -345,17 +403,23 @@ impl Decoder {
     }
 
     /// Applies one line (`buf[start..end]`, ending excluded) to the event being built.
-    fn process_line(&mut self, start: usize, end: usize, comments: bool) -> Option<Item> {
+    /// Fails only when a `data` line would make the event larger than the event limit.
+    fn process_line(
+        &mut self,
+        start: usize,
+        end: usize,
+        comments: bool,
+    ) -> Result<Option<Item>, DecodeError> {
         let line = &self.buf[start..end];
         if line.is_empty() {
-            return self.dispatch().map(Item::Event);
+            return Ok(self.dispatch().map(Item::Event));
         }
         if line[0] == b':' {
             if !comments {
-                return None;
+                return Ok(None);
             }
             let text = lossy(strip_space(&line[1..])).into_owned();
-            return Some(Item::Comment(text));
+            return Ok(Some(Item::Comment(text)));
         }
         self.in_block = true;
         // ':' is ASCII, so splitting before decoding cannot cut a character: the result is
@@ -366,7 +430,15 @@ impl Decoder {
         };
         match name {
             b"data" => {
-                self.data.push_str(&lossy(value));
+                let value = lossy(value);
+                // `data` holds each earlier line plus its '\n' separator, so this is the
+                // length the event's data would have if the block ended after this line.
+                if self.data.len() + value.len() > self.max_event {
+                    return Err(DecodeError::EventTooLarge {
+                        limit: self.max_event,
+                    });
+                }
+                self.data.push_str(&value);
                 self.data.push('\n');
             }
             b"event" => {
@@ -387,7 +459,7 @@ impl Decoder {
             }
             _ => {}
         }
-        None
+        Ok(None)
     }
 
     /// A blank line: the event built so far, if it has data; the block's buffers are reset
@@ -414,11 +486,15 @@ impl Decoder {
         })
     }
 
-    /// Frees the buffer and the event being built; they are meaningless after a lost line.
-    fn fail(&mut self) -> DecodeError {
-        let err = DecodeError::LineTooLong {
+    fn line_too_long(&mut self) -> DecodeError {
+        self.fail(DecodeError::LineTooLong {
             limit: self.max_line,
-        };
+        })
+    }
+
+    /// Records `err` and frees the buffer and the event being built; they are meaningless
+    /// after a lost line or an event cut short.
+    fn fail(&mut self, err: DecodeError) -> DecodeError {
         self.failed = Some(err.clone());
         self.buf = Vec::new();
         self.start = 0;
@@ -459,7 +535,15 @@ mod tests {
     /// Feeds `input` cut at `cuts` (sorted positions), reading items after each chunk and
     /// stopping at the first error, then finishes.
     fn run(input: &[u8], cuts: &[usize], max_line: usize) -> (Vec<Item>, Option<DecodeError>, Eof) {
-        let mut decoder = Decoder::with_max_line(max_line);
+        run_with(Decoder::with_max_line(max_line), input, cuts)
+    }
+
+    /// [`run`] with a decoder of the caller's choosing.
+    fn run_with(
+        mut decoder: Decoder,
+        input: &[u8],
+        cuts: &[usize],
+    ) -> (Vec<Item>, Option<DecodeError>, Eof) {
         let mut items = Vec::new();
         let mut error = None;
         let mut from = 0;
@@ -854,6 +938,122 @@ mod tests {
         let err = DecodeError::LineTooLong { limit: 10 };
         assert_eq!(err.to_string(), "event stream line longer than 10 bytes");
         let _: &dyn std::error::Error = &err;
+        assert_eq!(
+            DecodeError::EventTooLarge { limit: 10 }.to_string(),
+            "event stream event with more than 10 bytes of data"
+        );
+    }
+
+    #[test]
+    fn the_event_limit_defaults_to_1_mib_and_covers_the_longest_line() {
+        let d = Decoder::new();
+        assert_eq!((d.max_line(), d.max_event()), (1 << 20, 1 << 20));
+        assert_eq!(
+            Decoder::with_max_line(8).max_event(),
+            Decoder::DEFAULT_MAX_EVENT
+        );
+        assert_eq!(Decoder::with_max_line(4 << 20).max_event(), 4 << 20);
+        assert_eq!(Decoder::new().with_max_event(7).max_event(), 7);
+        assert_eq!(Decoder::new().with_max_event(7).max_line(), 1 << 20);
+    }
+
+    #[test]
+    fn multi_line_data_is_limited_as_a_whole() {
+        // "12\n34" is 5 bytes of data: it fits a limit of 5, not of 4.
+        let input = b"data: 12\ndata: 34\n\n";
+        let fits = run_with(Decoder::new().with_max_event(5), input, &[]);
+        assert_eq!(fits, (vec![message("12\n34")], None, Eof::Clean));
+        let err = DecodeError::EventTooLarge { limit: 4 };
+        let too_big = run_with(Decoder::new().with_max_event(4), input, &[]);
+        assert_eq!(too_big, (vec![], Some(err), Eof::Truncated));
+        // Each event is measured alone: the limit does not add up across events.
+        let many = run_with(
+            Decoder::new().with_max_event(2),
+            b"data: ab\n\ndata: cd\n\ndata\ndata\ndata\n\n",
+            &[],
+        );
+        assert_eq!(
+            many,
+            (
+                vec![message("ab"), message("cd"), message("\n\n")],
+                None,
+                Eof::Clean
+            )
+        );
+        // Other fields and comments do not count.
+        let others = run_with(
+            Decoder::new().with_max_event(1),
+            b"event: long-type\nid: long-id\n: a long comment\nfoo: bar\ndata: x\n\n",
+            &[],
+        );
+        assert_eq!(others.1, None);
+        // Decoded size: an invalid byte becomes a 3-byte U+FFFD.
+        let lossy = run_with(Decoder::new().with_max_event(2), b"data: \xFF\n\n", &[]);
+        assert_eq!(lossy.1, Some(DecodeError::EventTooLarge { limit: 2 }));
+        assert_eq!(
+            run_with(
+                Decoder::new().with_max_event(0),
+                b"data\n\ndata: x\n\n",
+                &[]
+            )
+            .1,
+            Some(DecodeError::EventTooLarge { limit: 0 }),
+            "0 accepts empty data only"
+        );
+    }
+
+    #[test]
+    fn an_event_too_large_is_reported_before_its_blank_line_and_is_sticky() {
+        let mut decoder = Decoder::new().with_max_event(10);
+        decoder.feed(b"data: 12345\ndata: 1234\n");
+        assert_eq!(decoder.next_item(), Ok(None), "exactly 10 bytes so far");
+        decoder.feed(b"data: x");
+        assert_eq!(decoder.next_item(), Ok(None), "the line has not ended");
+        decoder.feed(b"\n");
+        let err = DecodeError::EventTooLarge { limit: 10 };
+        assert_eq!(
+            decoder.next_item(),
+            Err(err.clone()),
+            "no blank line needed"
+        );
+        decoder.feed(b"\n\ndata: more\n\n");
+        assert_eq!(
+            decoder.next_event(),
+            Err(err.clone()),
+            "the error is sticky"
+        );
+        assert_eq!(decoder.next_item(), Err(err));
+        assert_eq!(decoder.finish(), Eof::Truncated);
+        // `finish` keeps the limit for the next stream.
+        assert_eq!(decoder.max_event(), 10);
+        decoder.feed(b"data: ok\n\ndata: 12345678901\n");
+        assert_eq!(decoder.next_item(), Ok(Some(message("ok"))));
+        assert_eq!(
+            decoder.next_item(),
+            Err(DecodeError::EventTooLarge { limit: 10 })
+        );
+    }
+
+    #[test]
+    fn endless_data_lines_keep_memory_bounded() {
+        let mut decoder = Decoder::new().with_max_event(64 * 1024);
+        let line = format!("data: {}\n", "a".repeat(1000));
+        let mut error = None;
+        for _ in 0..1000 {
+            decoder.feed(line.as_bytes());
+            if let Err(e) = decoder.next_item() {
+                error = Some(e);
+                break;
+            }
+        }
+        assert_eq!(error, Some(DecodeError::EventTooLarge { limit: 64 * 1024 }));
+        for _ in 0..1000 {
+            decoder.feed(line.as_bytes());
+        }
+        assert!(
+            decoder.buf.capacity() < 1024 && decoder.data.capacity() == 0,
+            "a failed decoder holds nothing"
+        );
     }
 
     #[test]
@@ -1181,6 +1381,29 @@ mod tests {
             let every_byte: Vec<usize> = (1..input.len()).collect();
             prop_assert_eq!(&run(&input, &every_byte, max_line), &whole);
             prop_assert_eq!(&run(&input, &cuts(input.len(), &picks), max_line), &whole);
+        }
+
+        #[test]
+        fn chunking_never_changes_the_result_under_a_small_event_limit(
+            input in byte_soup(),
+            max_event in 0..24usize,
+            picks in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let decoder = || Decoder::new().with_max_event(max_event);
+            let whole = run_with(decoder(), &input, &[]);
+            if let (items, None, _) = &whole {
+                for item in items {
+                    if let Item::Event(e) = item {
+                        prop_assert!(e.data.len() <= max_event);
+                    }
+                }
+            }
+            for cut in 0..=input.len() {
+                prop_assert_eq!(&run_with(decoder(), &input, &[cut]), &whole, "cut at {}", cut);
+            }
+            let every_byte: Vec<usize> = (1..input.len()).collect();
+            prop_assert_eq!(&run_with(decoder(), &input, &every_byte), &whole);
+            prop_assert_eq!(&run_with(decoder(), &input, &cuts(input.len(), &picks)), &whole);
         }
     }
 }

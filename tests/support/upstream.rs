@@ -71,6 +71,9 @@ pub enum Part {
     Pause(Duration),
     /// Sends nothing more, ever, and keeps the connection open.
     Hang,
+    /// Sends these bytes again and again, forever, each time in its own write: an endless
+    /// body. Only the other side closing the connection stops it.
+    Repeat(Bytes),
     /// Fails the body: hyper aborts the connection mid-response.
     Cut,
 }
@@ -79,7 +82,10 @@ pub enum Part {
 #[derive(Clone, Debug)]
 pub struct Reply {
     pub status: u16,
+    /// Sent as `content-type`; no such header when empty.
     pub content_type: String,
+    /// More response headers.
+    pub headers: Vec<(String, String)>,
     /// `false`: the response head is never sent (the request hangs before any answer).
     pub head: bool,
     pub parts: Vec<Part>,
@@ -99,6 +105,7 @@ impl Reply {
         Reply {
             status: 200,
             content_type: "text/event-stream; charset=utf-8".into(),
+            headers: Vec::new(),
             head: true,
             parts,
         }
@@ -109,6 +116,7 @@ impl Reply {
         Reply {
             status: 200,
             content_type: "text/event-stream".into(),
+            headers: Vec::new(),
             head: true,
             parts: vec![Part::Bytes(bytes.into())],
         }
@@ -119,6 +127,7 @@ impl Reply {
         Reply {
             status,
             content_type: content_type.into(),
+            headers: Vec::new(),
             head: true,
             parts: vec![Part::Bytes(body.into())],
         }
@@ -129,6 +138,7 @@ impl Reply {
         Reply {
             status: 200,
             content_type: "text/event-stream".into(),
+            headers: Vec::new(),
             head: false,
             parts: Vec::new(),
         }
@@ -169,6 +179,18 @@ impl Reply {
     /// Then aborts the connection.
     pub fn then_cut(mut self) -> Reply {
         self.parts.push(Part::Cut);
+        self
+    }
+
+    /// Then sends `bytes` again and again, forever.
+    pub fn then_repeat(mut self, bytes: impl Into<Bytes>) -> Reply {
+        self.parts.push(Part::Repeat(bytes.into()));
+        self
+    }
+
+    /// With one more response header.
+    pub fn with_header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.into(), value.into()));
         self
     }
 }
@@ -371,8 +393,16 @@ async fn handle(
         shared,
     });
     *res.status_mut() = StatusCode::from_u16(reply.status).unwrap();
-    res.headers_mut()
-        .insert("content-type", reply.content_type.parse().unwrap());
+    if !reply.content_type.is_empty() {
+        res.headers_mut()
+            .insert("content-type", reply.content_type.parse().unwrap());
+    }
+    for (name, value) in &reply.headers {
+        res.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
     Ok(res)
 }
 
@@ -430,6 +460,18 @@ impl Body for Script {
                         self.shared.bump(|c| c.hanging += 1);
                     }
                     return Poll::Pending;
+                }
+                Some(Part::Repeat(b)) => {
+                    // Each copy is followed by a flush, as `Flush` does it, so hyper writes
+                    // it out (and sees a closed connection) before the next.
+                    if self.flushing {
+                        self.flushing = false;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    let b = b.clone();
+                    self.flushing = true;
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
                 }
                 Some(Part::Cut) => {
                     self.parts.clear();

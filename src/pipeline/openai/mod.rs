@@ -6,17 +6,22 @@
 //!
 //! `POST {base}/chat/completions`, where `base` is the API base as OpenAI clients take it
 //! (`http://127.0.0.1:8000/v1`), with `Authorization: Bearer <key>` when a key is
-//! configured and this body:
+//! configured, `Accept: text/event-stream`, `Accept-Encoding: identity` and this body:
 //!
 //! ```json
 //! {"model": "…", "stream": true, "stream_options": {"include_usage": true},
+//!  "max_tokens": 2048,
 //!  "messages": [{"role": "system", "content": "…sources…"}, {"role": "user", "content": "…question…"}]}
 //! ```
 //!
 //! The messages come from a [`PromptBuilder`]; the default [`PromptTemplate`] puts the
 //! numbered sources in the system message and the question in the user message.
 //! `stream_options.include_usage` asks for the token counts that fill `done.usage`; the
-//! servers above all understand it.
+//! servers above all understand it. `max_tokens` is [`OpenAiConfig::max_tokens`], left out
+//! when that is `None`; a service built from a
+//! [`ServiceConfig`](crate::ServiceConfig) sets it to `max_answer_tokens` (or to the
+//! config's own value, if smaller), so the model stops where the server would cut the
+//! answer anyway.
 //!
 //! # What it makes of the answer
 //!
@@ -31,14 +36,21 @@
 //! - `[DONE]` ends the answer. A body that ends cleanly right after a `finish_reason` but
 //!   without `[DONE]` (some older servers) also ends it; any other early end is a failure.
 //!
+//! What one answer can cost is bounded whatever the upstream sends: one event, multi-line
+//! `data` included, is at most 1 MiB (the decoder's line and event limits); the number of
+//! tokens is bounded by the server, which ends the answer (and drops this stream, closing
+//! the connection) after `max_answer_tokens` token events; and a response the decoder
+//! could not read (not `text/event-stream`, or compressed) is refused from its head alone.
+//!
 //! # Failures
 //!
 //! Each is a [`PipelineError`] of kind `Upstream` (the client sees `UPSTREAM_ERROR`, and the
 //! ask is refunded): a connection refused or cut, a non-2xx status (the message gives the
 //! status and the upstream's `error.message` if its body was a JSON error, clipped to 200
 //! characters, with the key scrubbed out; never the raw body), a 2xx answer that is JSON
-//! instead of an event stream, a malformed chunk, an error object inside the stream, or the
-//! end of the body before `[DONE]`. Timeouts (`UPSTREAM_TIMEOUT`) are not this module's
+//! or any other type instead of an event stream, a 2xx event stream with a
+//! `content-encoding` other than `identity`, an event larger than 1 MiB, a malformed chunk,
+//! an error object inside the stream, or the end of the body before `[DONE]`. Timeouts (`UPSTREAM_TIMEOUT`) are not this module's
 //! business: the server applies `--ttft-timeout-ms` and `--idle-timeout-ms` to every
 //! generator, and drops the stream when they pass.
 //!
@@ -86,7 +98,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, USER_AGENT};
+use http::header::{ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_TYPE, HeaderValue, USER_AGENT};
 use http::{Method, Request, Uri};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
@@ -180,6 +192,11 @@ pub struct OpenAiConfig {
     pub model: String,
     /// Sent as `Authorization: Bearer`; no such header when `None`.
     pub api_key: Option<ApiKey>,
+    /// Sent as `max_tokens`, the longest answer the model may give; not sent when `None`.
+    /// A service built from a [`ServiceConfig`](crate::ServiceConfig) whose generator is
+    /// this config sets it to `max_answer_tokens`, or keeps this value if it is smaller.
+    /// At least 1.
+    pub max_tokens: Option<u32>,
 }
 
 impl OpenAiConfig {
@@ -189,12 +206,19 @@ impl OpenAiConfig {
             base_url: base_url.into(),
             model: model.into(),
             api_key: None,
+            max_tokens: None,
         }
     }
 
     /// The same with a key.
     pub fn with_api_key(mut self, key: ApiKey) -> Self {
         self.api_key = Some(key);
+        self
+    }
+
+    /// The same with `max_tokens` sent upstream (see [`max_tokens`](Self::max_tokens)).
+    pub fn with_max_tokens(mut self, max_tokens: u32) -> Self {
+        self.max_tokens = Some(max_tokens);
         self
     }
 }
@@ -230,12 +254,15 @@ pub enum ConfigError {
     },
     /// The model name is empty.
     EmptyModel,
+    /// `max_tokens` is 0: no answer could be given.
+    ZeroMaxTokens,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::EmptyModel => f.write_str("the upstream model name is empty"),
+            ConfigError::ZeroMaxTokens => f.write_str("the upstream max_tokens must be at least 1"),
             ConfigError::BadUrl { url, reason } => {
                 write!(f, "--upstream-url `{url}` {reason}")
             }
@@ -276,6 +303,8 @@ pub struct OpenAiGenerator {
     /// `{base}/chat/completions`.
     endpoint: Uri,
     model: String,
+    /// Sent as `max_tokens` when set.
+    max_tokens: Option<u32>,
     /// `Bearer <key>`, marked sensitive.
     authorization: Option<HeaderValue>,
     /// The key itself, only to scrub it from upstream error text.
@@ -290,11 +319,14 @@ impl OpenAiGenerator {
     ///
     /// # Errors
     /// An unusable URL (not `http://`, no host, credentials in it), an empty model name, or
-    /// a key that cannot be sent in a header.
+    /// a key that cannot be sent in a header, or a `max_tokens` of 0.
     pub fn new(config: OpenAiConfig) -> Result<Self, ConfigError> {
         let endpoint = endpoint(&config.base_url)?;
         if config.model.trim().is_empty() {
             return Err(ConfigError::EmptyModel);
+        }
+        if config.max_tokens == Some(0) {
+            return Err(ConfigError::ZeroMaxTokens);
         }
         let authorization = config.api_key.as_ref().map(ApiKey::header).transpose()?;
         let mut connector = HttpConnector::new();
@@ -307,6 +339,7 @@ impl OpenAiGenerator {
             client,
             endpoint,
             model: config.model.trim().to_owned(),
+            max_tokens: config.max_tokens,
             authorization,
             secret: config.api_key.map(|k| k.secret),
             template: Arc::new(PromptTemplate::default()),
@@ -329,6 +362,11 @@ impl OpenAiGenerator {
         &self.model
     }
 
+    /// The `max_tokens` sent upstream, if any.
+    pub fn max_tokens(&self) -> Option<u32> {
+        self.max_tokens
+    }
+
     fn request(&self, prompt: &Prompt) -> Result<Request<Full<Bytes>>, PipelineError> {
         let messages = self.template.messages(prompt);
         let body = serde_json::to_vec(&ChatRequest {
@@ -337,6 +375,7 @@ impl OpenAiGenerator {
             stream_options: StreamOptions {
                 include_usage: true,
             },
+            max_tokens: self.max_tokens,
             messages: &messages,
         })
         .map_err(|e| PipelineError::internal(format!("cannot encode the upstream request: {e}")))?;
@@ -346,6 +385,8 @@ impl OpenAiGenerator {
         let headers = req.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+        // The decoder reads the body as it comes; a compressed stream is refused.
+        headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         headers.insert(
             USER_AGENT,
             HeaderValue::from_static(concat!("askstream/", env!("CARGO_PKG_VERSION"))),
@@ -375,6 +416,7 @@ impl fmt::Debug for OpenAiGenerator {
         f.debug_struct("OpenAiGenerator")
             .field("endpoint", &self.endpoint)
             .field("model", &self.model)
+            .field("max_tokens", &self.max_tokens)
             .field(
                 "api_key",
                 &self.authorization.as_ref().map(|_| "<redacted>"),
@@ -496,6 +538,19 @@ mod tests {
             OpenAiGenerator::new(config).unwrap_err(),
             ConfigError::BadKey { var: None }
         );
+    }
+
+    #[test]
+    fn a_zero_max_tokens_is_refused() {
+        let config = OpenAiConfig::new("http://127.0.0.1:9/v1", "m").with_max_tokens(0);
+        let err = OpenAiGenerator::new(config).unwrap_err();
+        assert_eq!(err, ConfigError::ZeroMaxTokens);
+        assert_eq!(
+            err.to_string(),
+            "the upstream max_tokens must be at least 1"
+        );
+        let config = OpenAiConfig::new("http://127.0.0.1:9/v1", "m").with_max_tokens(1);
+        assert_eq!(OpenAiGenerator::new(config).unwrap().max_tokens(), Some(1));
     }
 
     #[test]

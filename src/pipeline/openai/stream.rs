@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! Head ──2xx event stream──▶ Events ──[DONE]──▶ Draining ──▶ Finished
-//!   │                          │ cut, malformed, error object,
-//!   └─non-2xx or JSON─▶ Refused│ end without [DONE]
-//!                         └────┴──────────────▶ error, Finished
+//!   │                          │ cut, malformed, error object, event over 1 MiB,
+//!   ├─non-2xx or JSON─▶ Refused│ end without [DONE]
+//!   │                     └────┴──────────────▶ error, Finished
+//!   └─2xx of another type, or compressed ─────▶ error, Finished (body never read)
 //! ```
 //!
 //! Everything the stream owns is either the pending response future or the response body.
@@ -24,8 +25,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_core::Stream;
-use http::StatusCode;
-use http::header::CONTENT_TYPE;
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use http::{HeaderMap, StatusCode};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::client::legacy;
@@ -33,7 +34,7 @@ use tokio::time::Sleep;
 
 use super::wire::{self, Event};
 use crate::pipeline::{Chunk, PipelineError, Token, Usage};
-use crate::sse::decode::{Decoder, Eof};
+use crate::sse::decode::{DecodeError, Decoder, Eof};
 
 /// How much of a refused request's body is read for its error message. Enough for any
 /// JSON error object (a cut-off one cannot be parsed, and only the status is reported);
@@ -51,6 +52,14 @@ const DONE_GRACE: Duration = Duration::from_millis(500);
 
 /// Bytes accepted after `[DONE]` while waiting for the body's end.
 const AFTER_DONE_LIMIT: usize = 16 * 1024;
+
+/// The largest upstream event: its `data`, multi-line included, and any one line. Far
+/// above any real chunk (a few hundred bytes); what a broken or hostile upstream can make
+/// one ask hold.
+const MAX_EVENT: usize = 1 << 20;
+
+/// What the client is told about an event over [`MAX_EVENT`].
+const EVENT_TOO_LARGE: &str = "the upstream sent an event larger than 1 MiB";
 
 /// The stream of one upstream answer.
 pub(super) struct UpstreamStream {
@@ -103,14 +112,17 @@ impl UpstreamStream {
 
     /// Upstream-provided text made fit for a client: the key scrubbed out, clipped.
     fn quote(&self, text: &str) -> String {
-        let scrubbed = match &self.secret {
-            Some(key) if !key.is_empty() && text.contains(&**key) => {
-                text.replace(&**key, "[redacted]")
-            }
-            _ => text.to_owned(),
-        };
-        clip(&scrubbed, MESSAGE_LIMIT)
+        quote(self.secret.as_deref(), text)
     }
+}
+
+/// `text` with `secret` scrubbed out, clipped to [`MESSAGE_LIMIT`] chars.
+fn quote(secret: Option<&str>, text: &str) -> String {
+    let scrubbed = match secret {
+        Some(key) if !key.is_empty() && text.contains(key) => text.replace(key, "[redacted]"),
+        _ => text.to_owned(),
+    };
+    clip(&scrubbed, MESSAGE_LIMIT)
 }
 
 impl Stream for UpstreamStream {
@@ -121,7 +133,11 @@ impl Stream for UpstreamStream {
         loop {
             let next = match &mut this.state {
                 State::Head(response) => match ready!(Pin::new(response).poll(cx)) {
-                    Ok(res) => on_head(res),
+                    Ok(res) => match on_head(res, this.secret.as_deref()) {
+                        Ok(next) => next,
+                        // Dropping the unread body closes the connection.
+                        Err(error) => return this.fail(error),
+                    },
                     Err(e) => return this.fail(request_error(&e)),
                 },
                 State::Refused(refused) => {
@@ -166,8 +182,8 @@ impl Stream for UpstreamStream {
     }
 }
 
-/// The state that follows the response head.
-fn on_head(res: http::Response<Incoming>) -> State {
+/// The state that follows the response head, or why the answer fails at once.
+fn on_head(res: http::Response<Incoming>, secret: Option<&str>) -> Result<State, PipelineError> {
     let status = res.status();
     // A 2xx JSON answer means the server ignored `"stream": true` or put an error in a
     // 200; either way there is no event stream to read.
@@ -180,21 +196,63 @@ fn on_head(res: http::Response<Incoming>) -> State {
                 .to_ascii_lowercase()
                 .starts_with("application/json")
         });
-    let body = res.into_body();
     if !status.is_success() || json {
-        return State::Refused(Box::new(Refused {
+        return Ok(State::Refused(Box::new(Refused {
             status,
-            body,
+            body: res.into_body(),
             buf: Vec::new(),
             done: false,
-        }));
+        })));
     }
-    State::Events(Box::new(Events {
-        body,
-        decoder: Decoder::new(),
+    if let Some(why) = unreadable(res.headers(), secret) {
+        return Err(PipelineError::upstream(why));
+    }
+    Ok(State::Events(Box::new(Events {
+        body: res.into_body(),
+        decoder: Decoder::with_max_line(MAX_EVENT).with_max_event(MAX_EVENT),
         usage: None,
         finished: false,
-    }))
+    })))
+}
+
+/// Why the body of a 2xx (non-JSON) response cannot be read as an event stream, if it
+/// cannot: its type is not `text/event-stream`, or it is compressed (askstream sends
+/// `Accept-Encoding: identity`, and reads bytes as they come). Header text is quoted, with
+/// `secret` scrubbed out.
+fn unreadable(headers: &HeaderMap, secret: Option<&str>) -> Option<String> {
+    let shown = |v: &http::HeaderValue| quote(secret, v.to_str().unwrap_or("(not text)").trim());
+    match headers.get(CONTENT_TYPE) {
+        None => {
+            return Some(
+                "the upstream answered without a content-type instead of an event stream"
+                    .to_owned(),
+            );
+        }
+        Some(v) => {
+            let media = v.to_str().ok().and_then(|t| t.split(';').next());
+            if !media.is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream")) {
+                let media = media.map_or_else(|| shown(v), |m| quote(secret, m.trim()));
+                return Some(format!(
+                    "the upstream answered {media} instead of an event stream"
+                ));
+            }
+        }
+    }
+    for v in headers.get_all(CONTENT_ENCODING) {
+        let identity = v.to_str().is_ok_and(|t| {
+            t.split(',')
+                .map(str::trim)
+                .all(|c| c.is_empty() || c.eq_ignore_ascii_case("identity"))
+        });
+        if !identity {
+            return Some(format!(
+                "the upstream sent a compressed event stream (content-encoding: {}); \
+                 askstream reads identity only",
+                shown(v)
+            ));
+        }
+    }
+    None
 }
 
 /// What the client is told when no response head came.
@@ -315,7 +373,9 @@ impl Events {
                     Event::Malformed => return Poll::Ready(malformed()),
                 },
                 Ok(None) => {}
-                Err(_) => return Poll::Ready(malformed()),
+                Err(DecodeError::LineTooLong { .. } | DecodeError::EventTooLarge { .. }) => {
+                    return Poll::Ready(Step::Failed(PipelineError::upstream(EVENT_TOO_LARGE)));
+                }
             }
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => {
@@ -411,6 +471,81 @@ mod tests {
         assert_eq!(
             s.quote("Incorrect API key provided: sk-secret-123."),
             "Incorrect API key provided: [redacted]."
+        );
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn only_an_uncompressed_event_stream_is_read() {
+        let check = |pairs: &[(&str, &str)]| unreadable(&headers(pairs), Some("sk-key"));
+        for ok in [
+            &[("content-type", "text/event-stream")][..],
+            &[("content-type", "text/event-stream; charset=utf-8")],
+            &[("content-type", " Text/Event-Stream ;charset=UTF-8")],
+            &[
+                ("content-type", "text/event-stream"),
+                ("content-encoding", "identity"),
+            ],
+            &[
+                ("content-type", "text/event-stream"),
+                ("content-encoding", "IDENTITY, identity"),
+            ],
+        ] {
+            assert_eq!(check(ok), None, "{ok:?}");
+        }
+        assert_eq!(
+            check(&[("content-type", "text/plain; charset=utf-8")]).as_deref(),
+            Some("the upstream answered text/plain instead of an event stream")
+        );
+        assert_eq!(
+            check(&[]).as_deref(),
+            Some("the upstream answered without a content-type instead of an event stream")
+        );
+        assert_eq!(
+            check(&[("content-type", "text/event-streamx")]).as_deref(),
+            Some("the upstream answered text/event-streamx instead of an event stream")
+        );
+        assert_eq!(
+            check(&[("content-type", "text/sk-key")]).as_deref(),
+            Some("the upstream answered text/[redacted] instead of an event stream"),
+            "header text is quoted like any upstream text"
+        );
+        let gzip = "the upstream sent a compressed event stream (content-encoding: gzip); \
+                    askstream reads identity only";
+        assert_eq!(
+            check(&[
+                ("content-type", "text/event-stream"),
+                ("content-encoding", "gzip")
+            ])
+            .as_deref(),
+            Some(gzip)
+        );
+        assert_eq!(
+            check(&[
+                ("content-type", "text/event-stream"),
+                ("content-encoding", "identity"),
+                ("content-encoding", "gzip"),
+            ])
+            .as_deref(),
+            Some(gzip),
+            "every content-encoding header counts"
+        );
+        assert!(
+            check(&[
+                ("content-type", "text/event-stream"),
+                ("content-encoding", "identity, br")
+            ])
+            .is_some()
         );
     }
 

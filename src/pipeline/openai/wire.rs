@@ -21,6 +21,10 @@ pub(super) struct ChatRequest<'a> {
     /// Asks for a final chunk with token counts (`done.usage`). Understood by OpenAI, vLLM,
     /// llama.cpp's server and Ollama; servers that do not know it usually ignore it.
     pub stream_options: StreamOptions,
+    /// The longest answer wanted, in tokens; not sent when `None`. `max_tokens` rather
+    /// than the newer `max_completion_tokens`: every server above understands it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
     pub messages: &'a [ChatMessage],
 }
 
@@ -257,6 +261,25 @@ mod tests {
             Some("no such model")
         );
         assert_eq!(error_message(b"<html>"), None);
+    }
+
+    #[test]
+    fn max_tokens_is_sent_only_when_set() {
+        let messages = [ChatMessage::user("q")];
+        let body = |max_tokens| {
+            serde_json::to_value(ChatRequest {
+                model: "m",
+                stream: true,
+                stream_options: StreamOptions {
+                    include_usage: true,
+                },
+                max_tokens,
+                messages: &messages,
+            })
+            .unwrap()
+        };
+        assert_eq!(body(Some(5))["max_tokens"], 5);
+        assert!(body(None).get("max_tokens").is_none());
     }
 
     #[test]
