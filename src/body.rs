@@ -10,13 +10,14 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 
+use crate::activity::Open;
 use crate::answer::{Outcome, Settlement};
 use crate::sse::body::SseBody;
 
 /// Every response body an [`AskService`](crate::AskService) answers with. Opaque: an
 /// embedder only polls it (or boxes it with its own bodies).
 #[derive(Debug)]
-pub struct AskBody(Kind);
+pub struct AskBody(Kind, Option<Open>);
 
 #[derive(Debug)]
 enum Kind {
@@ -30,15 +31,21 @@ enum Kind {
 
 impl AskBody {
     pub(crate) fn full(bytes: Bytes) -> Self {
-        AskBody(Kind::Full(Full::new(bytes)))
+        AskBody(Kind::Full(Full::new(bytes)), None)
     }
 
     pub(crate) fn sse(body: SseBody) -> Self {
-        AskBody(Kind::Sse(body))
+        AskBody(Kind::Sse(body), None)
     }
 
     pub(crate) fn json(body: JsonBody) -> Self {
-        AskBody(Kind::Json(body))
+        AskBody(Kind::Json(body), None)
+    }
+
+    /// Keeps the connection's request counted as open until this body is dropped.
+    pub(crate) fn holding(mut self, open: Open) -> Self {
+        self.1 = Some(open);
+        self
     }
 }
 

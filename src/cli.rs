@@ -114,6 +114,10 @@ pub(crate) struct Flags {
     #[arg(long, env = "ASKSTREAM_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     max_streams_per_connection: u32,
 
+    /// Seconds an HTTP/2 connection may stay open with no stream before it is closed.
+    #[arg(long, env = "ASKSTREAM_IDLE_CONNECTION_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_connection_secs: u64,
+
     /// Longest answer in token events: sent upstream as `max_tokens` and enforced.
     #[arg(long, env = "ASKSTREAM_MAX_ANSWER_TOKENS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     max_answer_tokens: u32,
@@ -187,6 +191,7 @@ impl Flags {
             max_header_bytes: self.max_header_bytes as usize,
             max_connections: self.max_connections as usize,
             max_streams_per_connection: self.max_streams_per_connection,
+            idle_connection: Duration::from_secs(self.idle_connection_secs),
             max_answer_tokens: self.max_answer_tokens,
             max_streams: self.max_streams as usize,
             header_timeout: Duration::from_secs(self.header_timeout_secs),

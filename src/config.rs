@@ -50,6 +50,9 @@ pub struct ServiceConfig {
     pub max_connections: usize,
     /// Streams one HTTP/2 connection may have open at once.
     pub max_streams_per_connection: u32,
+    /// An HTTP/2 connection with no open stream for this long is closed, so idle
+    /// multiplexed connections do not pile up.
+    pub idle_connection: Duration,
     /// Longest answer, in token events: sent upstream as `max_tokens`, and enforced here
     /// (reaching it completes the answer), so a broken upstream cannot stream forever.
     pub max_answer_tokens: u32,
@@ -120,6 +123,7 @@ impl Default for ServiceConfig {
             max_header_bytes: 16384,
             max_connections: 20_000,
             max_streams_per_connection: 100,
+            idle_connection: Duration::from_secs(60),
             max_answer_tokens: 2048,
             max_streams: 10_000,
             header_timeout: Duration::from_secs(10),
@@ -174,6 +178,9 @@ impl ServiceConfig {
                 "max_streams_per_connection",
                 "must allow at least one stream",
             );
+        }
+        if self.idle_connection.is_zero() {
+            return bad("idle_connection", "must be positive");
         }
         if self.max_answer_tokens == 0 {
             return bad("max_answer_tokens", "must allow at least one token");

@@ -40,6 +40,7 @@
 //! - [`sse`]: the channel-backed body and its sender; an incremental decoder.
 //! - `metrics` (`GET /metrics`) and `web` (the demo page), served by the service.
 
+mod activity;
 mod answer;
 pub mod auth;
 mod body;

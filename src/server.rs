@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::activity::Activity;
 use crate::config::ServiceConfig;
 use crate::service::AskService;
 
@@ -80,6 +81,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
         let protocols = protocols.clone();
         let service = service.with_peer(peer);
         let first_bytes_within = config.header_timeout;
+        let deadlines = (config.header_timeout, config.idle_connection);
         let stop_silent = stop_silent.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -96,13 +98,28 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                     .await
                     .map_err(Into::into),
                 // Boxed, as is the rare case below: h2 connections are few and long-lived.
+                // hyper keeps no head deadline for h2 and no idle deadline at all, so the
+                // connection's requests are counted and it is dropped when it has been
+                // silent too long (see `Activity`).
                 Sniffed::Http2 => {
-                    let conn = protocols.http2.serve_connection(io, service);
-                    Box::pin(watcher.watch(conn)).await.map_err(Into::into)
+                    let activity = Arc::new(Activity::default());
+                    let conn = protocols
+                        .http2
+                        .serve_connection(io, service.counting(activity.clone()));
+                    tokio::select! {
+                        served = Box::pin(watcher.watch(conn)) => served.map_err(Into::into),
+                        () = activity.expired(deadlines.0, deadlines.1) => Ok(()),
+                    }
                 }
                 Sniffed::Unsure => {
-                    let conn = protocols.unsure.serve_connection(io, service);
-                    Box::pin(watcher.watch(conn)).await
+                    let activity = Arc::new(Activity::default());
+                    let conn = protocols
+                        .unsure
+                        .serve_connection(io, service.counting(activity.clone()));
+                    tokio::select! {
+                        served = Box::pin(watcher.watch(conn)) => served,
+                        () = activity.expired(deadlines.0, deadlines.1) => Ok(()),
+                    }
                 }
             };
             if let Err(e) = served {

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::activity::Activity;
 use crate::answer::{self, Ask, Pipeline, QueryId};
 use crate::auth::Auth;
 use crate::body::AskBody;
@@ -62,6 +63,8 @@ pub struct AskService {
     inner: Arc<Inner>,
     /// The connection's peer, when this clone serves one connection.
     peer: Option<SocketAddr>,
+    /// The connection's requests, when the server keeps deadlines for it (HTTP/2).
+    activity: Option<Arc<Activity>>,
 }
 
 struct Inner {
@@ -123,6 +126,7 @@ impl AskService {
                 stop_housekeeping: CancellationToken::new(),
             }),
             peer: None,
+            activity: None,
         }
     }
 
@@ -131,6 +135,15 @@ impl AskService {
         AskService {
             inner: self.inner.clone(),
             peer: Some(peer),
+            activity: None,
+        }
+    }
+
+    /// A clone that counts its connection's requests into `activity`.
+    pub(crate) fn counting(&self, activity: Arc<Activity>) -> Self {
+        AskService {
+            activity: Some(activity),
+            ..self.clone()
         }
     }
 
@@ -397,8 +410,15 @@ where
 
     fn call(&self, req: Request<B>) -> Self::Future {
         self.start_housekeeping();
+        let open = self.activity.as_ref().map(Activity::open);
         let this = self.clone();
-        Box::pin(async move { Ok(this.route(req).await) })
+        Box::pin(async move {
+            let res = this.route(req).await;
+            Ok(match open {
+                Some(open) => res.map(|body| body.holding(open)),
+                None => res,
+            })
+        })
     }
 }
 

@@ -99,10 +99,165 @@ async fn an_answer_stops_at_max_answer_tokens_and_is_complete() {
     let (head, events) = stream_ask(server.addr, QUERY, "capped").await;
     assert_eq!(head.status, 200);
     let kinds: Vec<_> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
-    assert_eq!(kinds, [vec!["token"; 7], vec!["done"]].concat(), "{events:?}");
+    assert_eq!(
+        kinds,
+        [vec!["token"; 7], vec!["done"]].concat(),
+        "{events:?}"
+    );
     let done = events.last().unwrap();
     assert_eq!(done["usage"]["completionTokens"], 7);
     assert_eq!(done["quotaRemaining"], 4, "a complete answer is charged");
     server.settled().await;
     assert_eq!(remaining(server.addr, "capped").await, 4);
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP/2 connections that never get anywhere. A hand-written frame writer: hyper's and
+// h2's clients cannot misbehave on purpose.
+// ---------------------------------------------------------------------------------------
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One HTTP/2 frame: 24-bit length, type, flags, stream id.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    let mut out = len.to_be_bytes()[1..].to_vec();
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+const SETTINGS: u8 = 0x4;
+const HEADERS: u8 = 0x1;
+const END_STREAM: u8 = 0x1;
+
+/// HPACK "literal header field without indexing, new name", no Huffman coding.
+fn literal(name: &str, value: &str) -> Vec<u8> {
+    let mut out = vec![0x00, u8::try_from(name.len()).unwrap()];
+    out.extend_from_slice(name.as_bytes());
+    out.push(u8::try_from(value.len()).unwrap());
+    out.extend_from_slice(value.as_bytes());
+    out
+}
+
+/// The first part of a GET's header block (the rest would come in CONTINUATION frames).
+fn partial_header_block() -> Vec<u8> {
+    [
+        literal(":method", "GET"),
+        literal(":scheme", "http"),
+        literal(":path", "/healthz"),
+    ]
+    .concat()
+}
+
+/// Sends `bytes` and waits for the server to close the connection (what it writes before
+/// is read and dropped); how long that took. Paused time: the deadlines are tokio timers,
+/// so the wait is exact and instant; the bound is there only to fail instead of hanging.
+async fn closed_after_sending(server: &TestServer, bytes: &[u8]) -> Duration {
+    let mut c = RawConn::connect(server.addr).await;
+    c.send(bytes).await;
+    let start = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(24 * 3600), c.read_to_eof())
+        .await
+        .expect("the server closes the connection");
+    start.elapsed()
+}
+
+/// Only the head deadline can close these: pings come an hour apart.
+fn no_pings() -> askstream::ServiceConfig {
+    let mut c = fast_config();
+    c.dead_peer = Duration::from_secs(7200);
+    c
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_stops_inside_the_h2_preface_is_closed() {
+    let server = TestServer::start(no_pings()).await;
+    let took = closed_after_sending(&server, &PREFACE[..16]).await;
+    assert!(took <= Duration::from_secs(20), "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_h2_connection_with_settings_and_no_request_is_closed_at_the_head_deadline() {
+    let server = TestServer::start(no_pings()).await;
+    let hello = [PREFACE, &frame(SETTINGS, 0, 0, &[])].concat();
+    let took = closed_after_sending(&server, &hello).await;
+    assert_eq!(took, Duration::from_secs(10), "--header-timeout-secs");
+}
+
+/// A peer that stops answering pings (it still ACKs at the TCP level: only h2 can tell)
+/// is dropped: a connection whose head deadline is an hour away is closed by the ping.
+#[tokio::test(start_paused = true)]
+async fn an_h2_peer_that_never_answers_a_ping_is_dropped() {
+    let mut config = fast_config();
+    config.header_timeout = Duration::from_secs(3600);
+    config.dead_peer = Duration::from_secs(4);
+    let server = TestServer::start(config).await;
+    let hello = [PREFACE, &frame(SETTINGS, 0, 0, &[])].concat();
+    let took = closed_after_sending(&server, &hello).await;
+    assert!(took < Duration::from_secs(3600), "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_h2_header_block_never_finished_is_closed() {
+    let server = TestServer::start(no_pings()).await;
+    // HEADERS without END_HEADERS, and no CONTINUATION ever.
+    let stalled = [
+        PREFACE,
+        &frame(SETTINGS, 0, 0, &[]),
+        &frame(HEADERS, END_STREAM, 1, &partial_header_block()),
+    ]
+    .concat();
+    let took = closed_after_sending(&server, &stalled).await;
+    assert_eq!(took, Duration::from_secs(10), "--header-timeout-secs");
+    assert_eq!(server.service.in_flight(), 0);
+}
+
+/// A connection that did its work and then sits idle is closed after
+/// `--idle-connection-secs`, and not while a stream is open.
+///
+/// Real time (paused time would let a request body in flight on the socket look late):
+/// an answer busy for about 4.5 s on a 2 s idle deadline, then the close.
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_and_a_busy_one_is_not() {
+    let mut config = fast_config();
+    config.idle_connection = Duration::from_secs(2);
+    support::sim(&mut config).token_interval = Duration::from_millis(1500);
+    support::sim(&mut config).tokens = 3;
+    let server = TestServer::start(config).await;
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(conn);
+    let started = tokio::time::Instant::now();
+    // A streaming answer of 3 tokens 1.5 s apart: busy past the idle deadline.
+    let req = http::Request::post(format!("http://{}/api/v1/ai/ask?stream=true", server.addr))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(ask_body(
+            QUERY,
+        ))))
+        .unwrap();
+    let res = send.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .expect("the answer streams to its end on a busy connection")
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"type\":\"done\""));
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "the connection outlived its idle deadline while busy"
+    );
+    assert!(!connection.is_finished());
+    // Now idle: the server closes it.
+    tokio::time::timeout(Duration::from_secs(60), connection)
+        .await
+        .expect("the server closes the idle connection")
+        .unwrap()
+        .ok();
 }

@@ -1,0 +1,121 @@
+//! What one connection is doing, for the deadlines hyper does not keep for HTTP/2: a first
+//! request within `--header-timeout-secs` (a client that sends part of the preface, or
+//! SETTINGS and nothing more, or a HEADERS block it never finishes), and a close after
+//! `--idle-connection-secs` with no stream open.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// Requests a connection has started, and those still open (request in, response body not
+/// yet dropped).
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    started: AtomicU64,
+    open: AtomicUsize,
+    changed: Notify,
+}
+
+/// One request of a connection, from its arrival to the end of its response body.
+#[derive(Debug)]
+pub(crate) struct Open(Arc<Activity>);
+
+impl Activity {
+    /// A request arrived.
+    pub(crate) fn open(self: &Arc<Self>) -> Open {
+        self.started.fetch_add(1, Ordering::AcqRel);
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+        Open(self.clone())
+    }
+
+    /// Resolves when the connection should close: no request within `first`, or none
+    /// open for `idle` after the last one ended.
+    pub(crate) async fn expired(&self, first: Duration, idle: Duration) {
+        loop {
+            // Registered before the counters are read, so no change can slip between the
+            // read and the wait.
+            let mut changed = pin!(self.changed.notified());
+            changed.as_mut().enable();
+            let started = self.started.load(Ordering::Acquire);
+            if self.open.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            let wait = if started == 0 { first } else { idle };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {
+                    let quiet = self.open.load(Ordering::Acquire) == 0
+                        && self.started.load(Ordering::Acquire) == started;
+                    if quiet {
+                        return;
+                    }
+                }
+                () = &mut changed => {}
+            }
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.changed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIRST: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn no_first_request_expires_after_the_first_deadline() {
+        let a = Arc::new(Activity::default());
+        let start = tokio::time::Instant::now();
+        a.expired(FIRST, IDLE).await;
+        assert_eq!(start.elapsed(), FIRST);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_request_holds_the_connection_and_idleness_counts_from_its_end() {
+        let a = Arc::new(Activity::default());
+        let open = a.open();
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                a.expired(FIRST, IDLE).await;
+                start.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!waiter.is_finished(), "a request is open");
+        drop(open);
+        let waited = waiter.await.unwrap();
+        assert_eq!(waited, Duration::from_secs(3600) + IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_during_the_idle_wait_restarts_it() {
+        let a = Arc::new(Activity::default());
+        drop(a.open());
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                a.expired(FIRST, IDLE).await;
+                start.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(a.open());
+        assert_eq!(waiter.await.unwrap(), Duration::from_secs(30) + IDLE);
+    }
+}
