@@ -1,14 +1,25 @@
 //! What one connection is doing, for the deadlines hyper does not keep for HTTP/2: a first
 //! request within `--header-timeout-secs` (a client that sends part of the preface, or
-//! SETTINGS and nothing more, or a HEADERS block it never finishes), and a close after
-//! `--idle-connection-secs` with no stream open.
+//! SETTINGS and nothing more, or a HEADERS block it never finishes), a close after
+//! `--idle-connection-secs` with no stream open, and no stream outliving its answer.
+//!
+//! The last is about h2 flow control: a client that never opens a stream's window gets
+//! `SLOW_CLIENT` and its answer ends, but hyper holds the stream (and a frame) waiting for
+//! window space it will never get, and never polls the body again, so nothing in the
+//! stream can end it. A body that outlives its answer by `--slow-client-secs` therefore
+//! closes its connection: the client has not read for twice that long.
 
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use std::sync::{Mutex, PoisonError};
+
 use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::sse::body::Probe;
 
 /// Requests a connection has started, and those still open (request in, response body not
 /// yet dropped).
@@ -17,6 +28,8 @@ pub(crate) struct Activity {
     started: AtomicU64,
     open: AtomicUsize,
     changed: Notify,
+    /// The streaming answers' bodies, to find one that outlives its answer.
+    streams: Mutex<Vec<Probe>>,
 }
 
 /// One request of a connection, from its arrival to the end of its response body.
@@ -32,9 +45,45 @@ impl Activity {
         Open(self.clone())
     }
 
-    /// Resolves when the connection should close: no request within `first`, or none
-    /// open for `idle` after the last one ended.
-    pub(crate) async fn expired(&self, first: Duration, idle: Duration) {
+    /// Watches a streaming answer's body (bodies already gone are forgotten here).
+    pub(crate) fn track(&self, probe: Probe) {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        streams.retain(|p| !p.body_gone());
+        streams.push(probe);
+    }
+
+    /// Whether a body has outlived its answer by `linger`.
+    fn lingering(&self, linger: Duration) -> bool {
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        streams
+            .iter()
+            .filter_map(Probe::lingering_since)
+            .any(|since| since.elapsed() >= linger)
+    }
+
+    /// Resolves when the connection should close: no request within `first`, none open
+    /// for `idle` after the last one ended, or a body outliving its answer by `linger`.
+    pub(crate) async fn expired(&self, first: Duration, idle: Duration, linger: Duration) {
+        tokio::select! {
+            () = self.quiet(first, idle) => {}
+            () = self.stuck(linger) => {}
+        }
+    }
+
+    /// Checks for a lingering body every `linger`: a body found lingering is at most
+    /// twice `linger` past its answer when the connection closes.
+    async fn stuck(&self, linger: Duration) {
+        let mut tick = tokio::time::interval_at(Instant::now() + linger, linger);
+        loop {
+            tick.tick().await;
+            if self.lingering(linger) {
+                tracing::debug!("closing a connection whose stream outlived its answer");
+                return;
+            }
+        }
+    }
+
+    async fn quiet(&self, first: Duration, idle: Duration) {
         loop {
             // Registered before the counters are read, so no change can slip between the
             // read and the wait.
@@ -79,7 +128,7 @@ mod tests {
     async fn no_first_request_expires_after_the_first_deadline() {
         let a = Arc::new(Activity::default());
         let start = tokio::time::Instant::now();
-        a.expired(FIRST, IDLE).await;
+        a.expired(FIRST, IDLE, Duration::from_secs(24 * 3600)).await;
         assert_eq!(start.elapsed(), FIRST);
     }
 
@@ -91,7 +140,7 @@ mod tests {
             let a = a.clone();
             tokio::spawn(async move {
                 let start = tokio::time::Instant::now();
-                a.expired(FIRST, IDLE).await;
+                a.expired(FIRST, IDLE, Duration::from_secs(24 * 3600)).await;
                 start.elapsed()
             })
         };
@@ -110,7 +159,7 @@ mod tests {
             let a = a.clone();
             tokio::spawn(async move {
                 let start = tokio::time::Instant::now();
-                a.expired(FIRST, IDLE).await;
+                a.expired(FIRST, IDLE, Duration::from_secs(24 * 3600)).await;
                 start.elapsed()
             })
         };

@@ -81,7 +81,11 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
         let protocols = protocols.clone();
         let service = service.with_peer(peer);
         let first_bytes_within = config.header_timeout;
-        let deadlines = (config.header_timeout, config.idle_connection);
+        let deadlines = (
+            config.header_timeout,
+            config.idle_connection,
+            config.slow_client,
+        );
         let stop_silent = stop_silent.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -108,7 +112,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                         .serve_connection(io, service.counting(activity.clone()));
                     tokio::select! {
                         served = Box::pin(watcher.watch(conn)) => served.map_err(Into::into),
-                        () = activity.expired(deadlines.0, deadlines.1) => Ok(()),
+                        () = activity.expired(deadlines.0, deadlines.1, deadlines.2) => Ok(()),
                     }
                 }
                 Sniffed::Unsure => {
@@ -118,7 +122,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                         .serve_connection(io, service.counting(activity.clone()));
                     tokio::select! {
                         served = Box::pin(watcher.watch(conn)) => served,
-                        () = activity.expired(deadlines.0, deadlines.1) => Ok(()),
+                        () = activity.expired(deadlines.0, deadlines.1, deadlines.2) => Ok(()),
                     }
                 }
             };

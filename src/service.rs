@@ -314,6 +314,9 @@ impl AskService {
         let query_id = query_id_header(&ask.id);
         if stream {
             let (tx, body) = channel(inner.config.stream_buffer);
+            if let Some(activity) = &self.activity {
+                activity.track(tx.probe());
+            }
             let mut answer = Box::pin(answer::stream(
                 inner.pipeline.clone(),
                 ask,

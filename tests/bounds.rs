@@ -261,3 +261,49 @@ async fn an_idle_h2_connection_is_closed_and_a_busy_one_is_not() {
         .unwrap()
         .ok();
 }
+
+const DATA: u8 = 0x0;
+const END_HEADERS: u8 = 0x4;
+
+/// A client that opens a stream with a flow-control window of zero and never opens it:
+/// its answer gets `SLOW_CLIENT` and is refunded, and since hyper can then never finish
+/// the stream, the connection is closed rather than keep it (the stream must not outlive
+/// its answer).
+#[tokio::test(start_paused = true)]
+async fn an_h2_stream_that_can_never_be_written_does_not_outlive_its_answer() {
+    let mut config = config_with_limit(5);
+    config.dead_peer = Duration::from_secs(7200); // pings cannot close it first
+    let server = TestServer::start(config).await;
+    let body = ask_body(QUERY);
+    let headers = [
+        literal(":method", "POST"),
+        literal(":scheme", "http"),
+        literal(":path", "/api/v1/ai/ask?stream=true"),
+        literal(":authority", "test"),
+        literal("content-type", "application/json"),
+        literal("authorization", "Bearer zero-window"),
+    ]
+    .concat();
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0: the server may send no DATA on any stream.
+    let zero_window = [0x00, 0x04, 0, 0, 0, 0];
+    let request = [
+        PREFACE,
+        &frame(SETTINGS, 0, 0, &zero_window),
+        &frame(HEADERS, END_HEADERS, 1, &headers),
+        &frame(DATA, END_STREAM, 1, body.as_bytes()),
+    ]
+    .concat();
+    let mut c = RawConn::connect(server.addr).await;
+    c.send(&request).await;
+    let start = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(24 * 3600), c.read_to_eof())
+        .await
+        .expect("the server closes the connection");
+    let took = start.elapsed();
+    // SLOW_CLIENT after 30 s ends the answer; the body then outlives it by another 30 s.
+    assert!(took >= Duration::from_secs(30), "{took:?}");
+    assert!(took <= Duration::from_secs(90), "{took:?}");
+    server.settled().await;
+    assert_eq!(server.service.in_flight(), 0);
+    assert_eq!(server.remaining_in_store("zero-window", 5), 5, "refunded");
+}

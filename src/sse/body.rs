@@ -89,6 +89,9 @@ struct Chan {
     /// When hyper dropped the body before it ended: the moment the client was lost, from
     /// which the producer's detection lag is measured.
     dropped: Option<Instant>,
+    /// When the sender went (the answer ended), for a body that outlives its answer
+    /// because the client does not read what is left.
+    sender_dropped: Option<Instant>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -139,6 +142,7 @@ pub fn channel(capacity: usize) -> (SseSender, SseBody) {
         closed_waker: None,
         first_yield: None,
         dropped: None,
+        sender_dropped: None,
     }));
     let body = SseBody {
         shared: shared.clone(),
@@ -397,6 +401,7 @@ impl Drop for SseSender {
     fn drop(&mut self) {
         let mut chan = lock(&self.shared);
         chan.sender_gone = true;
+        chan.sender_dropped = Some(Instant::now());
         let wake = chan.body_waker.take();
         drop(chan);
         if let Some(w) = wake {
@@ -420,6 +425,18 @@ impl Probe {
     /// When hyper dropped the body before it ended (the client left), if it did.
     pub(crate) fn dropped_at(&self) -> Option<Instant> {
         lock(&self.shared).dropped
+    }
+
+    /// Since when the body has outlived its answer (the sender is gone but the body has
+    /// neither ended nor been dropped), if it has.
+    pub(crate) fn lingering_since(&self) -> Option<Instant> {
+        let chan = lock(&self.shared);
+        chan.sender_dropped.filter(|_| !chan.body_gone)
+    }
+
+    /// Whether the body has ended or been dropped.
+    pub(crate) fn body_gone(&self) -> bool {
+        lock(&self.shared).body_gone
     }
 }
 
