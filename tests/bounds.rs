@@ -307,3 +307,86 @@ async fn an_h2_stream_that_can_never_be_written_does_not_outlive_its_answer() {
     assert_eq!(server.service.in_flight(), 0);
     assert_eq!(server.remaining_in_store("zero-window", 5), 5, "refunded");
 }
+
+/// Reads HTTP/2 frames until one matches `want`, returning it as (type, flags, stream,
+/// payload); fails if the connection ends first.
+async fn read_frame_until(
+    c: &mut RawConn,
+    want: impl Fn(u8, u32) -> bool,
+) -> (u8, u8, u32, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut head = [0u8; 9];
+        c.stream
+            .read_exact(&mut head)
+            .await
+            .expect("a frame header");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        c.stream
+            .read_exact(&mut payload)
+            .await
+            .expect("a frame payload");
+        if want(head[3], stream) {
+            return (head[3], head[4], stream, payload);
+        }
+    }
+}
+
+/// A client that ignores `--max-streams-per-connection` and opens one stream more: that
+/// stream is refused (RST_STREAM, REFUSED_STREAM), the others run.
+#[tokio::test]
+async fn a_stream_over_max_streams_per_connection_is_refused() {
+    let mut config = config_with_limit(10);
+    config.max_streams_per_connection = 2;
+    support::sim(&mut config).token_interval = Duration::from_secs(3600);
+    let server = TestServer::start(config).await;
+    let body = ask_body(QUERY);
+    let request = |stream: u32| {
+        let headers = [
+            literal(":method", "POST"),
+            literal(":scheme", "http"),
+            literal(":path", "/api/v1/ai/ask?stream=true"),
+            literal(":authority", "test"),
+            literal("content-type", "application/json"),
+        ]
+        .concat();
+        [
+            frame(HEADERS, END_HEADERS, stream, &headers),
+            frame(DATA, END_STREAM, stream, body.as_bytes()),
+        ]
+        .concat()
+    };
+    let mut c = RawConn::connect(server.addr).await;
+    // The client does not wait for the server's SETTINGS: three streams at once.
+    let bytes = [
+        PREFACE.to_vec(),
+        frame(SETTINGS, 0, 0, &[]),
+        request(1),
+        request(3),
+        request(5),
+    ]
+    .concat();
+    c.send(&bytes).await;
+    const RST_STREAM: u8 = 0x3;
+    const REFUSED_STREAM: u32 = 0x7;
+    let (_, _, stream, payload) = tokio::time::timeout(
+        Duration::from_secs(60),
+        read_frame_until(&mut c, |kind, _| kind == RST_STREAM),
+    )
+    .await
+    .expect("a stream is reset");
+    assert_eq!(stream, 5, "the third stream");
+    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+    assert_eq!(code, REFUSED_STREAM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while server.service.in_flight() != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two allowed streams run: {}",
+            server.service.in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
