@@ -293,17 +293,17 @@ async fn a_dead_store_refuses_with_quota_unavailable_and_a_returning_one_heals()
         assert!(tokio::time::Instant::now() < deadline, "never healed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(metric(&server, "askstream_quota_store_errors_total").await >= 3);
+    assert!(metric(server.addr, "askstream_quota_store_errors_total").await >= 3);
     assert!(
         metric(
-            &server,
+            server.addr,
             "askstream_asks_total{outcome=\"rejected\",code=\"QUOTA_UNAVAILABLE\"}"
         )
         .await
             >= 2,
         "the streaming and the JSON ask"
     );
-    assert!(metric(&server, "askstream_quota_store_seconds_count").await > 0);
+    assert!(metric(server.addr, "askstream_quota_store_seconds_count").await > 0);
 }
 
 /// A store slower than the timeout: the ask is refused, and the charge the store made
@@ -357,7 +357,7 @@ async fn an_answer_longer_than_its_lease_keeps_its_charge() {
     server.settled().await;
     server.service.flush_quota().await;
     assert_eq!(remaining(server.addr, user).await, 4);
-    let renewed = metric(&server, "askstream_quota_leases_renewed_total").await;
+    let renewed = metric(server.addr, "askstream_quota_leases_renewed_total").await;
     assert!(
         renewed >= 2,
         "a 3 s answer on a 1 s lease is renewed: {renewed}"
@@ -402,37 +402,6 @@ async fn a_killed_instance_gives_its_charges_back_within_the_lease() {
     // Then given back: only what the observer delivered stays charged.
     let kept = if head.status == 200 { 2 } else { 1 };
     remaining_becomes(&observer, user, 3 - kept, Duration::from_secs(30)).await;
-}
-
-/// One sample of `GET /metrics`, by its full series name.
-async fn metric(server: &TestServer, series: &str) -> u64 {
-    let mut c = RawConn::connect(server.addr).await;
-    c.get("/metrics", "").await;
-    let head = c.read_head().await;
-    let text = String::from_utf8(c.read_body(&head).await).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
-
-/// The address a spawned askstream logs when it starts listening.
-fn listening_addr(child: &mut std::process::Child) -> std::net::SocketAddr {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    for line in lines.by_ref() {
-        let line = line.expect("askstream's log is text");
-        if let Some(rest) = line.split("addr=").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap_or_default();
-            if let Ok(addr) = addr.parse() {
-                // Keep draining the log so the child never blocks on a full pipe.
-                std::thread::spawn(move || for _ in lines {});
-                return addr;
-            }
-        }
-    }
-    panic!("askstream exited before listening");
 }
 
 /// Sleeps until `offset` into the next window of `window` (on this machine's clock, which

@@ -202,7 +202,7 @@ async fn a_soak_of_random_leavers_charges_exactly_the_delivered_answers() {
         }
         // Every answer of the round ended: nothing in flight.
         let settle_by = Instant::now() + Duration::from_secs(60);
-        while active_streams(addr).await != 0 {
+        while metric(addr, "askstream_active_streams").await != 0 {
             assert!(
                 Instant::now() < settle_by,
                 "answers still in flight after the round"
@@ -248,34 +248,4 @@ async fn a_soak_of_random_leavers_charges_exactly_the_delivered_answers() {
         second <= first + (2 * 1024).max(first / 10),
         "RSS grew from {first} KiB to {second} KiB between two equal rounds"
     );
-}
-
-/// `askstream_active_streams` from `/metrics`.
-async fn active_streams(addr: SocketAddr) -> u64 {
-    let mut c = RawConn::connect(addr).await;
-    c.get("/metrics", "").await;
-    let head = c.read_head().await;
-    let text = String::from_utf8(c.read_body(&head).await).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("askstream_active_streams "))
-        .and_then(|v| v.parse().ok())
-        .expect("the active-streams gauge")
-}
-
-/// The address a spawned askstream logs when it starts listening.
-fn listening_addr(child: &mut std::process::Child) -> SocketAddr {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    for line in lines.by_ref() {
-        let line = line.expect("askstream's log is text");
-        if let Some(rest) = line.split("addr=").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap_or_default();
-            if let Ok(addr) = addr.parse() {
-                std::thread::spawn(move || for _ in lines {});
-                return addr;
-            }
-        }
-    }
-    panic!("askstream exited before listening");
 }

@@ -547,3 +547,35 @@ pub fn assert_error_object(v: &Value, code: &str, ctx: &str) {
     let message = v["message"].as_str().expect("message is a string");
     assert!(!message.trim().is_empty(), "{ctx}: empty message: {v}");
 }
+
+/// One sample of `GET /metrics` by its full series name (labels included), such as
+/// `askstream_active_streams` or `askstream_asks_total{outcome="done"}`.
+pub async fn metric(addr: SocketAddr, series: &str) -> u64 {
+    let mut c = RawConn::connect(addr).await;
+    c.get("/metrics", "").await;
+    let head = c.read_head().await;
+    let text = String::from_utf8(c.read_body(&head).await).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// The address a spawned askstream (stderr piped) logs when it starts listening; its log
+/// keeps draining on a thread afterwards, so the child never blocks on a full pipe.
+pub fn listening_addr(child: &mut std::process::Child) -> SocketAddr {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("askstream's log is text");
+        if let Some(rest) = line.split("addr=").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            if let Ok(addr) = addr.parse() {
+                std::thread::spawn(move || for _ in lines {});
+                return addr;
+            }
+        }
+    }
+    panic!("askstream exited before listening");
+}
