@@ -49,6 +49,7 @@ mod clock;
 pub mod config;
 mod error;
 mod metrics;
+mod peer;
 pub mod pipeline;
 pub mod quota;
 mod request;

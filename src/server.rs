@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::activity::Activity;
 use crate::config::ServiceConfig;
+use crate::peer;
 use crate::service::AskService;
 
 /// How long connections get to flush their final events after the grace period, before
@@ -92,20 +93,24 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
             let Some(sniffed) = sniff(&stream, first_bytes_within, &stop_silent).await else {
                 return;
             };
-            let io = TokioIo::new(stream);
             let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match sniffed {
                 // Inline: this task lives as long as the connection, and hyper's
                 // HTTP/1 connection is less than half the size of hyper-util's enum
-                // over both protocols.
-                Sniffed::Http1 => watcher
-                    .watch(protocols.http1.serve_connection(io, service))
-                    .await
-                    .map_err(Into::into),
+                // over both protocols. Its answers watch the socket themselves (hyper
+                // stops reading it while a byte waits behind the request).
+                Sniffed::Http1 => {
+                    let (io, hangup) = peer::split(stream);
+                    let conn = protocols
+                        .http1
+                        .serve_connection(TokioIo::new(io), service.watching(hangup));
+                    watcher.watch(conn).await.map_err(Into::into)
+                }
                 // Boxed, as is the rare case below: h2 connections are few and long-lived.
                 // hyper keeps no head deadline for h2 and no idle deadline at all, so the
                 // connection's requests are counted and it is dropped when it has been
                 // silent too long (see `Activity`).
                 Sniffed::Http2 => {
+                    let io = TokioIo::new(stream);
                     let activity = Arc::new(Activity::default());
                     let conn = protocols
                         .http2
@@ -116,6 +121,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                     }
                 }
                 Sniffed::Unsure => {
+                    let io = TokioIo::new(stream);
                     let activity = Arc::new(Activity::default());
                     let conn = protocols
                         .unsure

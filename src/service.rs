@@ -36,6 +36,7 @@ use crate::clock::{rfc3339, unix_now};
 use crate::config::ServiceConfig;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
+use crate::peer::Hangup;
 use crate::quota::{QuotaError, QuotaStore};
 use crate::request;
 use crate::shutdown::Shutdown;
@@ -65,6 +66,9 @@ pub struct AskService {
     peer: Option<SocketAddr>,
     /// The connection's requests, when the server keeps deadlines for it (HTTP/2).
     activity: Option<Arc<Activity>>,
+    /// The connection's socket, when the server watches it for the client leaving
+    /// (HTTP/1).
+    hangup: Option<Hangup>,
 }
 
 struct Inner {
@@ -127,6 +131,7 @@ impl AskService {
             }),
             peer: None,
             activity: None,
+            hangup: None,
         }
     }
 
@@ -136,6 +141,7 @@ impl AskService {
             inner: self.inner.clone(),
             peer: Some(peer),
             activity: None,
+            hangup: None,
         }
     }
 
@@ -143,6 +149,14 @@ impl AskService {
     pub(crate) fn counting(&self, activity: Arc<Activity>) -> Self {
         AskService {
             activity: Some(activity),
+            ..self.clone()
+        }
+    }
+
+    /// A clone whose answers also end when `hangup` sees the client leave.
+    pub(crate) fn watching(&self, hangup: Hangup) -> Self {
+        AskService {
+            hangup: Some(hangup),
             ..self.clone()
         }
     }
@@ -323,6 +337,7 @@ impl AskService {
                 charge,
                 permit,
                 tx,
+                self.hangup.clone(),
             ));
             // Run the answer up to its first wait before hyper gets the response: with a
             // generator that has a token ready, the first frame is queued by then, and
@@ -342,7 +357,15 @@ impl AskService {
         }
         // A failure from here on is an answer that started (and was refunded and counted
         // as such), not a rejection, so it is rendered here rather than returned.
-        let body = match answer::json(inner.pipeline.clone(), ask, charge, permit).await {
+        let body = match answer::json(
+            inner.pipeline.clone(),
+            ask,
+            charge,
+            permit,
+            self.hangup.clone(),
+        )
+        .await
+        {
             Ok(body) => body,
             Err(e) => return Ok(error_response(&e, Mode::Json)),
         };

@@ -693,3 +693,168 @@ async fn many_streams_disconnecting_at_once_are_all_refunded() {
     assert_eq!(server.service.in_flight(), 0);
     assert_eq!(remaining_with_limit(server.addr, user, LIMIT).await, LIMIT);
 }
+
+// ---------------------------------------------------------------------------------------
+// 5. Bytes behind the request: a stray CRLF or a pipelined request sits in hyper's read
+// buffer, so hyper itself does not read the socket while the answer runs. The client
+// leaving must still be noticed while the answer waits (contract §1.3).
+
+/// What a client may send after its ask, before it leaves.
+const TRAILING: [(&str, &[u8]); 2] = [
+    ("a stray CRLF", b"\r\n"),
+    (
+        "a pipelined request",
+        b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n",
+    ),
+];
+
+/// Posts an ask (streaming or not) with `trailing` in the same write as the request.
+async fn post_with_trailing(conn: &mut RawConn, path: &str, user: &str, trailing: &[u8]) {
+    let body = ask_body("how are quotas refunded?");
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
+        body.len(),
+        bearer(user)
+    )
+    .into_bytes();
+    req.extend_from_slice(trailing);
+    conn.send(&req).await;
+}
+
+async fn trailing_bytes_idle_stream_refunds(abortive: bool) {
+    for (i, (what, trailing)) in TRAILING.into_iter().enumerate() {
+        let user = &format!("disc-trail-idle-{abortive}-{i}");
+        let server = TestServer::start(idle_config()).await;
+        let mut conn = RawConn::connect(server.addr).await;
+        post_with_trailing(&mut conn, "/api/v1/ai/ask?stream=true", user, trailing).await;
+        let head = tokio::time::timeout(WAIT, conn.read_head())
+            .await
+            .expect("the response head arrives");
+        assert_eq!(head.status, 200, "{what}");
+        assert_eq!(server.service.in_flight(), 1, "{what}");
+
+        close(conn, abortive);
+        server.settled().await;
+        assert_eq!(server.service.in_flight(), 0, "{what}");
+        assert_eq!(
+            remaining_with_limit(server.addr, user, LIMIT).await,
+            LIMIT,
+            "{what}: refunded"
+        );
+        assert_eq!(
+            support::metric(
+                server.addr,
+                "askstream_asks_total{outcome=\"disconnected\"}"
+            )
+            .await,
+            1,
+            "{what}: counted as a disconnect"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fin_with_bytes_behind_the_ask_is_noticed_while_waiting_and_refunded() {
+    trailing_bytes_idle_stream_refunds(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rst_with_bytes_behind_the_ask_is_noticed_while_waiting_and_refunded() {
+    trailing_bytes_idle_stream_refunds(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fin_mid_stream_with_bytes_behind_the_ask_stops_the_generator() {
+    for (i, (what, trailing)) in TRAILING.into_iter().enumerate() {
+        let user = &format!("disc-trail-mid-{i}");
+        let (server, counters) = start_hanging(THREE).await;
+        let mut conn = RawConn::connect(server.addr).await;
+        post_with_trailing(&mut conn, "/api/v1/ai/ask?stream=true", user, trailing).await;
+        let head = tokio::time::timeout(WAIT, conn.read_head())
+            .await
+            .expect("the response head arrives");
+        assert_eq!(head.status, 200, "{what}");
+        assert_eq!(read_events(&mut conn, 3).await.len(), 3, "{what}");
+        assert_eq!(counters.dropped.load(Ordering::SeqCst), 0, "{what}");
+
+        close(conn, false);
+        server.settled().await;
+        assert_eq!(
+            counters.dropped.load(Ordering::SeqCst),
+            1,
+            "{what}: the generator was stopped"
+        );
+        assert_eq!(
+            remaining_with_limit(server.addr, user, LIMIT).await,
+            LIMIT,
+            "{what}: refunded"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_ask_with_bytes_behind_it_is_refunded_when_the_client_leaves() {
+    for (i, (what, trailing)) in TRAILING.into_iter().enumerate() {
+        let user = &format!("disc-trail-json-{i}");
+        let server = TestServer::start(idle_config()).await;
+        let mut conn = RawConn::connect(server.addr).await;
+        post_with_trailing(&mut conn, "/api/v1/ai/ask", user, trailing).await;
+        wait_for("the JSON ask to be admitted", || {
+            server.service.in_flight() == 1
+        })
+        .await;
+
+        close(conn, false);
+        wait_for("the JSON answer to be dropped", || {
+            server.service.in_flight() == 0
+        })
+        .await;
+        assert_eq!(
+            remaining_with_limit(server.addr, user, LIMIT).await,
+            LIMIT,
+            "{what}: refunded"
+        );
+    }
+}
+
+/// The pipelined request behind a completed answer is still served, in order, on the
+/// same connection: watching the socket while an answer runs loses no byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_request_is_served_after_the_answer() {
+    let user = "disc-trail-served";
+    let mut c = config_with_limit(LIMIT as u32);
+    support::sim(&mut c).ttft = Duration::from_millis(0);
+    support::sim(&mut c).token_interval = Duration::from_millis(20);
+    support::sim(&mut c).tokens = 5;
+    let server = TestServer::start(c).await;
+    let mut conn = RawConn::connect(server.addr).await;
+    // The second request arrives in pieces while the answer streams, so the server reads
+    // some of it ahead of hyper.
+    post_with_trailing(&mut conn, "/api/v1/ai/ask?stream=true", user, b"GET /heal").await;
+    let head = tokio::time::timeout(WAIT, conn.read_head())
+        .await
+        .expect("the response head arrives");
+    assert_eq!(head.status, 200);
+    let mut body = conn.read_chunk().await.expect("the first token");
+    conn.send(b"thz HTTP/1.1\r\nhost: te").await;
+    body.extend(conn.read_chunk().await.expect("the second token"));
+    conn.send(b"st\r\n\r\n").await;
+    let (rest, ended) = tokio::time::timeout(WAIT, conn.read_chunked_body())
+        .await
+        .expect("the answer ends");
+    assert!(ended, "the answer's body ends cleanly");
+    let (events, _) = parse_sse(&[body, rest].concat());
+    assert_eq!(
+        events.last().map(|e| e["type"].clone()),
+        Some("done".into())
+    );
+    let health = tokio::time::timeout(WAIT, conn.read_head())
+        .await
+        .expect("the pipelined request is answered");
+    assert_eq!(health.status, 200);
+    assert_eq!(conn.read_body(&health).await, b"ok\n");
+    assert_eq!(
+        remaining_with_limit(server.addr, user, LIMIT).await,
+        LIMIT - 1
+    );
+}

@@ -32,6 +32,7 @@ use crate::body::JsonBody;
 use crate::config::ServiceConfig;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
+use crate::peer::Hangup;
 use crate::pipeline::{Generator, Passage, Retriever, Usage};
 use crate::quota::Charge;
 use crate::shutdown::Shutdown;
@@ -103,13 +104,14 @@ pub(crate) fn stream(
     charge: Charge,
     permit: OwnedSemaphorePermit,
     tx: SseSender,
+    hangup: Option<Hangup>,
 ) -> impl Future<Output = ()> + Send {
     let mut answer = Settlement::new(&p.metrics, "stream", ask, charge, permit);
     answer.probe = Some(tx.probe());
     async move {
         let driven = {
             let mut sink = StreamSink { tx: &tx };
-            let gone = pin!(tx.closed());
+            let gone = pin!(gone(tx.closed(), hangup));
             let drive = pin!(drive::drive(
                 &p,
                 &answer.ask,
@@ -183,11 +185,12 @@ pub(crate) async fn json(
     ask: Ask,
     charge: Charge,
     permit: OwnedSemaphorePermit,
+    hangup: Option<Hangup>,
 ) -> Result<JsonBody, ApiError> {
     let mut answer = Settlement::new(&p.metrics, "json", ask, charge, permit);
     let mut sink = JsonSink::default();
-    // A JSON answer learns of a departed client only when hyper drops this future.
-    let gone = pin!(std::future::pending());
+    // Otherwise a JSON answer learns of a departed client when hyper drops this future.
+    let gone = pin!(gone(std::future::pending(), hangup));
     let driven = {
         let drive = pin!(drive::drive(
             &p,
@@ -213,6 +216,19 @@ pub(crate) async fn json(
             answer.finish(ended);
             Err(ApiError::new(ErrorCode::Internal, "the client went away"))
         }
+    }
+}
+
+/// Resolves when the client has gone: `closed` (the body's receiving end was dropped), or
+/// the HTTP/1 socket hung up while hyper was not reading it.
+async fn gone(closed: impl Future<Output = ()>, hangup: Option<Hangup>) {
+    match hangup {
+        None => closed.await,
+        Some(hangup) => tokio::select! {
+            biased;
+            () = closed => {}
+            () = hangup.hung_up() => {}
+        },
     }
 }
 
