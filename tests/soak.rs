@@ -3,8 +3,9 @@
 //! HTTP/1.1 and on HTTP/2, in two equal rounds. It ends with the quota charged exactly for
 //! the answers whose `done` reached a client, nothing in flight after each round, and the
 //! server's memory no higher after the second round than after the first (the allocator
-//! keeps freed pages, so the idle level itself does not come back; growth would be a
-//! leak).
+//! keeps freed pages, so RSS does not come back to its idle level; growth would be a
+//! leak). That the heap itself returns to its level after every burst is shown byte for
+//! byte, with a counting allocator, in `tests/memory.rs`.
 //!
 //! Not part of the default run (minutes of load); run it with
 //! `cargo test --release -p askstream --test soak -- --ignored --nocapture`, and
