@@ -124,6 +124,16 @@ mod tests {
     const FIRST: Duration = Duration::from_secs(10);
     const IDLE: Duration = Duration::from_secs(60);
 
+    /// How long until `a` expires, waited for in a task of its own.
+    fn time_to_expiry(a: &Arc<Activity>) -> tokio::task::JoinHandle<Duration> {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            a.expired(FIRST, IDLE, Duration::from_secs(24 * 3600)).await;
+            start.elapsed()
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn no_first_request_expires_after_the_first_deadline() {
         let a = Arc::new(Activity::default());
@@ -136,14 +146,7 @@ mod tests {
     async fn an_open_request_holds_the_connection_and_idleness_counts_from_its_end() {
         let a = Arc::new(Activity::default());
         let open = a.open();
-        let waiter = {
-            let a = a.clone();
-            tokio::spawn(async move {
-                let start = tokio::time::Instant::now();
-                a.expired(FIRST, IDLE, Duration::from_secs(24 * 3600)).await;
-                start.elapsed()
-            })
-        };
+        let waiter = time_to_expiry(&a);
         tokio::time::sleep(Duration::from_secs(3600)).await;
         assert!(!waiter.is_finished(), "a request is open");
         drop(open);
@@ -155,14 +158,7 @@ mod tests {
     async fn a_request_during_the_idle_wait_restarts_it() {
         let a = Arc::new(Activity::default());
         drop(a.open());
-        let waiter = {
-            let a = a.clone();
-            tokio::spawn(async move {
-                let start = tokio::time::Instant::now();
-                a.expired(FIRST, IDLE, Duration::from_secs(24 * 3600)).await;
-                start.elapsed()
-            })
-        };
+        let waiter = time_to_expiry(&a);
         tokio::time::sleep(Duration::from_secs(30)).await;
         drop(a.open());
         assert_eq!(waiter.await.unwrap(), Duration::from_secs(30) + IDLE);

@@ -60,11 +60,26 @@ impl Shared {
         self.ahead.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn refuse_writes(&self) -> Poll<io::Result<usize>> {
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::ConnectionAborted,
-            "the client hung up",
-        )))
+    /// One write, as `write` does it once the socket is writable; refused once the
+    /// client hung up.
+    fn poll_write_with(
+        &self,
+        cx: &mut Context<'_>,
+        mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.hung_up.load(Ordering::Relaxed) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the client hung up",
+                )));
+            }
+            ready!(self.stream.poll_write_ready(cx))?;
+            match write(&self.stream) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                done => return Poll::Ready(done),
+            }
+        }
     }
 }
 
@@ -103,17 +118,7 @@ impl AsyncWrite for PeerIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let shared = &*self.0;
-        loop {
-            if shared.hung_up.load(Ordering::Relaxed) {
-                return shared.refuse_writes();
-            }
-            ready!(shared.stream.poll_write_ready(cx))?;
-            match shared.stream.try_write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                done => return Poll::Ready(done),
-            }
-        }
+        self.0.poll_write_with(cx, |s| s.try_write(buf))
     }
 
     fn poll_write_vectored(
@@ -121,17 +126,7 @@ impl AsyncWrite for PeerIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let shared = &*self.0;
-        loop {
-            if shared.hung_up.load(Ordering::Relaxed) {
-                return shared.refuse_writes();
-            }
-            ready!(shared.stream.poll_write_ready(cx))?;
-            match shared.stream.try_write_vectored(bufs) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                done => return Poll::Ready(done),
-            }
-        }
+        self.0.poll_write_with(cx, |s| s.try_write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -27,7 +27,10 @@ use tokio_util::sync::CancellationToken;
 use crate::activity::Activity;
 use crate::config::ServiceConfig;
 use crate::peer;
+use crate::pipeline::BoxFuture;
 use crate::service::AskService;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long connections get to flush their final events after the grace period, before
 /// the server exits regardless.
@@ -93,7 +96,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
             let Some(sniffed) = sniff(&stream, first_bytes_within, &stop_silent).await else {
                 return;
             };
-            let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match sniffed {
+            let served: Result<(), BoxError> = match sniffed {
                 // Inline: this task lives as long as the connection, and hyper's
                 // HTTP/1 connection is less than half the size of hyper-util's enum
                 // over both protocols. Its answers watch the socket themselves (hyper
@@ -105,29 +108,22 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                         .serve_connection(TokioIo::new(io), service.watching(hangup));
                     watcher.watch(conn).await.map_err(Into::into)
                 }
-                // Boxed, as is the rare case below: h2 connections are few and long-lived.
-                // hyper keeps no head deadline for h2 and no idle deadline at all, so the
-                // connection's requests are counted and it is dropped when it has been
-                // silent too long (see `Activity`).
-                Sniffed::Http2 => {
+                // Boxed: h2 connections are few and long-lived, and a split preface (hyper-
+                // util's detection) is rare. hyper keeps no head deadline for h2 and no
+                // idle deadline at all, so the connection's requests are counted and it is
+                // dropped when it has been silent too long (see `Activity`).
+                Sniffed::Http2 | Sniffed::Unsure => {
                     let io = TokioIo::new(stream);
                     let activity = Arc::new(Activity::default());
-                    let conn = protocols
-                        .http2
-                        .serve_connection(io, service.counting(activity.clone()));
+                    let service = service.counting(activity.clone());
+                    let conn: BoxFuture<'_, Result<(), BoxError>> = if sniffed == Sniffed::Http2 {
+                        let conn = protocols.http2.serve_connection(io, service);
+                        Box::pin(async { watcher.watch(conn).await.map_err(Into::into) })
+                    } else {
+                        Box::pin(watcher.watch(protocols.unsure.serve_connection(io, service)))
+                    };
                     tokio::select! {
-                        served = Box::pin(watcher.watch(conn)) => served.map_err(Into::into),
-                        () = activity.expired(deadlines.0, deadlines.1, deadlines.2) => Ok(()),
-                    }
-                }
-                Sniffed::Unsure => {
-                    let io = TokioIo::new(stream);
-                    let activity = Arc::new(Activity::default());
-                    let conn = protocols
-                        .unsure
-                        .serve_connection(io, service.counting(activity.clone()));
-                    tokio::select! {
-                        served = Box::pin(watcher.watch(conn)) => served,
+                        served = conn => served,
                         () = activity.expired(deadlines.0, deadlines.1, deadlines.2) => Ok(()),
                     }
                 }

@@ -38,7 +38,9 @@ use crate::quota::Charge;
 use crate::shutdown::Shutdown;
 use crate::sse::body::{SseSender, TrySendError};
 use crate::wire::{self, Done, Source, TimingField, UsageField};
-use drive::{Generated, JsonSink, Stats, StreamSink, catch_unwind, shutting_down, slow_client};
+use drive::{
+    Driven, Generated, JsonSink, Sink, Stats, StreamSink, catch_unwind, shutting_down, slow_client,
+};
 
 /// What an answer needs from the service: the pipeline, the clocks, the shutdown signal.
 pub(crate) struct Pipeline {
@@ -109,18 +111,14 @@ pub(crate) fn stream(
     let mut answer = Settlement::new(&p.metrics, "stream", ask, charge, permit);
     answer.probe = Some(tx.probe());
     async move {
-        let driven = {
-            let mut sink = StreamSink { tx: &tx };
-            let gone = pin!(gone(tx.closed(), hangup));
-            let drive = pin!(drive::drive(
-                &p,
-                &answer.ask,
-                &mut sink,
-                gone,
-                &mut answer.stats
-            ));
-            catch_unwind(drive).await
-        };
+        let driven = run(
+            &p,
+            &mut answer,
+            &mut StreamSink { tx: &tx },
+            tx.closed(),
+            hangup,
+        )
+        .await;
         let outcome = match driven {
             Ok(generated) => {
                 let done = done_frame(&answer, &generated);
@@ -189,18 +187,9 @@ pub(crate) async fn json(
 ) -> Result<JsonBody, ApiError> {
     let mut answer = Settlement::new(&p.metrics, "json", ask, charge, permit);
     let mut sink = JsonSink::default();
-    // Otherwise a JSON answer learns of a departed client when hyper drops this future.
-    let gone = pin!(gone(std::future::pending(), hangup));
-    let driven = {
-        let drive = pin!(drive::drive(
-            &p,
-            &answer.ask,
-            &mut sink,
-            gone,
-            &mut answer.stats
-        ));
-        catch_unwind(drive).await
-    };
+    // Without a hangup watch, a JSON answer learns of a departed client when hyper drops
+    // this future.
+    let driven = run(&p, &mut answer, &mut sink, std::future::pending(), hangup).await;
     match driven {
         Ok(generated) => {
             let sources = sources(&generated.passages);
@@ -217,6 +206,20 @@ pub(crate) async fn json(
             Err(ApiError::new(ErrorCode::Internal, "the client went away"))
         }
     }
+}
+
+/// Drives `answer` until it is generated or ends early (a pipeline panic included), ending
+/// it as soon as the client is gone.
+async fn run(
+    p: &Pipeline,
+    answer: &mut Settlement,
+    sink: &mut impl Sink,
+    closed: impl Future<Output = ()>,
+    hangup: Option<Hangup>,
+) -> Driven {
+    let gone = pin!(gone(closed, hangup));
+    let drive = pin!(drive::drive(p, &answer.ask, sink, gone, &mut answer.stats));
+    catch_unwind(drive).await
 }
 
 /// Resolves when the client has gone: `closed` (the body's receiving end was dropped), or

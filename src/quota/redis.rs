@@ -84,16 +84,27 @@ use crate::auth::UserId;
 use crate::metrics::Histogram;
 use crate::pipeline::BoxFuture;
 
-const CHARGE: &str = r"
--- KEYS[1]: count hash (w, s); KEYS[2]: leases; ARGV: limit, window_secs, lease_ms, lease id
+/// The start of the two scripts that read a user's window: `limit` and `window_secs` from
+/// ARGV[1..2], the store's clock (`now_s`, `now_ms`), the window it is in (`win`) and the
+/// one stored in KEYS[1] (`stored`). One clock for every instance: the store's.
+macro_rules! window_prelude {
+    () => {
+        r"
 local limit = tonumber(ARGV[1])
 local window_secs = tonumber(ARGV[2])
-local lease_ms = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
 local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
 local win = math.floor(now_s / window_secs)
 local stored = tonumber(redis.call('HGET', KEYS[1], 'w'))
+"
+    };
+}
+
+const CHARGE: &str = concat!(
+    "-- KEYS[1]: count hash (w, s); KEYS[2]: leases; ARGV: limit, window_secs, lease_ms, lease id",
+    window_prelude!(),
+    r"local lease_ms = tonumber(ARGV[3])
 local settled = 0
 if stored and stored >= win then
   -- The current window (or a later one, if the store's clock stepped back: keep it).
@@ -114,7 +125,8 @@ end
 redis.call('ZADD', KEYS[2], now_ms + lease_ms, ARGV[4])
 redis.call('PEXPIREAT', KEYS[2], now_ms + lease_ms + 1000)
 return {1, win, limit - used - 1, resets_at, expired}
-";
+"
+);
 
 const SETTLE: &str = r"
 -- KEYS[1]: count hash; KEYS[2]: leases; ARGV: the lease's window, lease id
@@ -146,16 +158,10 @@ redis.call('PEXPIREAT', KEYS[1], now_ms + lease_ms + 1000)
 return 1
 ";
 
-const STATUS: &str = r"
--- KEYS[1]: count hash; KEYS[2]: leases; ARGV: limit, window_secs
-local limit = tonumber(ARGV[1])
-local window_secs = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now_s = tonumber(t[1])
-local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
-local win = math.floor(now_s / window_secs)
-local stored = tonumber(redis.call('HGET', KEYS[1], 'w'))
-local used = 0
+const STATUS: &str = concat!(
+    "-- KEYS[1]: count hash; KEYS[2]: leases; ARGV: limit, window_secs",
+    window_prelude!(),
+    r"local used = 0
 if stored and stored >= win then
   win = stored
   used = (tonumber(redis.call('HGET', KEYS[1], 's')) or 0)
@@ -166,7 +172,8 @@ if remaining < 0 then
   remaining = 0
 end
 return {remaining, (win + 1) * window_secs}
-";
+"
+);
 
 /// Where the shared store is and how long to trust it.
 #[derive(Clone, Debug)]
