@@ -254,6 +254,50 @@ async fn delivered_answers_stay_charged_when_every_instance_restarts() {
     assert_eq!(remaining(second.addr, user).await, 3);
 }
 
+/// The store goes down while answers stream, and comes back with its data (AOF): the
+/// answers go on meanwhile, and their settle and refund, which failed while it was down,
+/// are retried until they land — long before the leases could have decided it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settles_and_refunds_of_answers_in_flight_land_after_a_store_restart() {
+    let Some(mut redis) = RedisServer::start_persistent() else {
+        return;
+    };
+    let lease = Duration::from_secs(120);
+    let mut config = shared(&redis, 10, lease);
+    sim(&mut config).ttft = Duration::ZERO;
+    sim(&mut config).token_interval = Duration::from_millis(200);
+    sim(&mut config).tokens = 6;
+    let server = TestServer::start(config).await;
+    let user = "in-flight-restart";
+    let mut kept = RawConn::connect(server.addr).await;
+    kept.start_stream(QUERY, user).await;
+    let mut left = RawConn::connect(server.addr).await;
+    left.start_stream(QUERY, user).await;
+    remaining_becomes(&server, user, 8, Duration::from_secs(10)).await;
+
+    redis.kill();
+    // One client leaves, the other reads its answer to the end, both while the store is
+    // down: neither the refund nor the settle can land now.
+    assert!(left.read_chunk().await.is_some_and(|c| !c.is_empty()));
+    drop(left);
+    let (body, ended) = tokio::time::timeout(Duration::from_secs(20), kept.read_chunked_body())
+        .await
+        .expect("the answer streams on while the store is down");
+    assert!(ended);
+    let events = parse_sse(&body).0;
+    assert_eq!(
+        events.last().map(|e| e["type"].clone()),
+        Some("done".into())
+    );
+    server.settled().await;
+
+    redis.restart();
+    // The leases would keep both charges for two minutes; only the retried settle and
+    // refund make it one charge now.
+    remaining_becomes(&server, user, 9, Duration::from_secs(30)).await;
+    assert_eq!(metric(server.addr, "askstream_refunds_total").await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_store_refuses_with_quota_unavailable_and_a_returning_one_heals() {
     let Some(mut redis) = RedisServer::start() else {

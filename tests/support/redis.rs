@@ -14,6 +14,9 @@ pub struct RedisServer {
     dir: PathBuf,
     socket: PathBuf,
     child: Option<Child>,
+    /// Keeps every write in an append-only file (fsync'd each time), so a restart finds
+    /// the data again.
+    persistent: bool,
 }
 
 /// The folder for one server: unique per process and call.
@@ -43,6 +46,16 @@ impl RedisServer {
     /// Starts a server, or returns `None` (after saying so) when the machine has none and
     /// the run does not require one.
     pub fn start() -> Option<RedisServer> {
+        Self::start_with(false)
+    }
+
+    /// As [`start`](Self::start), with `appendonly yes` and `appendfsync always`: a
+    /// restart loses nothing.
+    pub fn start_persistent() -> Option<RedisServer> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Option<RedisServer> {
         if !have_redis_server() {
             assert!(
                 std::env::var_os("ASKSTREAM_REQUIRE_REDIS").is_none(),
@@ -57,6 +70,7 @@ impl RedisServer {
             dir,
             socket,
             child: None,
+            persistent,
         };
         server.restart();
         Some(server)
@@ -71,8 +85,8 @@ impl RedisServer {
         &self.socket
     }
 
-    /// Starts the server again on the same socket (after [`kill`](Self::kill)), empty:
-    /// no persistence, as a store that lost its data.
+    /// Starts the server again on the same socket (after [`kill`](Self::kill)): empty, as
+    /// a store that lost its data, unless it is persistent.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let _ = std::fs::remove_file(&self.socket);
@@ -85,7 +99,9 @@ impl RedisServer {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.persistent { "yes" } else { "no" },
+                "--appendfsync",
+                "always",
             ])
             .arg("--dir")
             .arg(&self.dir)
