@@ -113,6 +113,10 @@ struct RawAsk {
 
 /// Parses `{"query": "...", "topK": n}`; unknown fields are ignored.
 pub(crate) fn parse_ask(body: &[u8]) -> Result<AskRequest, ApiError> {
+    // serde would also read the struct from an array of its fields (`["...", 3]`).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(bad_request("the body must be a JSON object".to_string()));
+    }
     let raw: RawAsk = serde_json::from_slice(body)
         .map_err(|e| bad_request(format!("the body is not a valid ask: {e}")))?;
     let query = match raw.query {

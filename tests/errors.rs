@@ -181,6 +181,12 @@ async fn bad_request_for_malformed_or_invalid_bodies_in_both_modes() {
         ("not JSON at all", "query=hello"),
         ("empty body", ""),
         ("array", r#"["query"]"#),
+        // serde reads a struct from an array of its fields; an ask is an object only.
+        ("array of an ask's fields", r#"["what is askstream?", 3]"#),
+        (
+            "array of an ask's fields, spaced",
+            " \n[\"what is askstream?\", null]",
+        ),
         ("missing query", r#"{"topK":3}"#),
         ("null query", r#"{"query":null}"#),
         ("numeric query", r#"{"query":42}"#),
