@@ -18,12 +18,24 @@ use crate::report::{Derived, Run};
 /// A server configuration: how its servers are started, and its name in reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// Its label (`--name`, `--vs-name`).
+    /// Its label (`--name`, `--vs-name`, `floor`).
     pub name: String,
     /// The server binary the tool spawns; `None` for a `--target` it did not start.
     pub binary: Option<PathBuf>,
+    /// What the binary is, which decides how it is started.
+    pub kind: ServerKind,
     /// Flags after the standard ones (`--server-arg`, `--vs-arg`).
     pub server_args: Vec<String>,
+}
+
+/// The servers the tool knows how to start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerKind {
+    /// askstream: flags, `/healthz`, SIGTERM drains.
+    Askstream,
+    /// The floor (`../shared/floor`, a server with no HTTP library): settings in the
+    /// environment, no health route, SIGTERM kills.
+    Floor,
 }
 
 impl Config {
@@ -33,6 +45,9 @@ impl Config {
         let Some(binary) = &self.binary else {
             return "the --target server".into();
         };
+        if self.kind == ServerKind::Floor {
+            return format!("{} (the floor: no HTTP library)", binary.display());
+        }
         let mut line = binary.display().to_string();
         for arg in &self.server_args {
             line.push(' ');
@@ -220,12 +235,10 @@ impl Row {
         self.values.iter().map(|v| median(v)).collect()
     }
 
-    /// The second configuration's median over the first's.
-    fn ratio(&self) -> Option<f64> {
-        match self.medians()[..] {
-            [a, b] => ratio(a, b),
-            _ => None,
-        }
+    /// Every configuration's median after the first, over the first's.
+    fn ratios(&self) -> Vec<Option<f64>> {
+        let medians = self.medians();
+        medians[1..].iter().map(|&m| ratio(medians[0], m)).collect()
     }
 }
 
@@ -306,9 +319,7 @@ impl Comparison {
 
         let mut header = vec![String::new()];
         header.extend(names.iter().map(|n| format!("{n} median")));
-        if two {
-            header.push(format!("{}/{}", names[1], names[0]));
-        }
+        header.extend(names[1..].iter().map(|n| format!("{n}/{}", names[0])));
         header.extend(names.iter().map(|n| format!("{n} rounds")));
         let mut lines = vec![header];
         for row in &self.rows {
@@ -316,9 +327,7 @@ impl Comparison {
             let sc = scale(row.figure.unit(), &all);
             let mut line = vec![row.figure.label().to_string()];
             line.extend(row.medians().iter().map(|m| cell(&[*m], sc)));
-            if two {
-                line.push(fmt_ratio(row.ratio()));
-            }
+            line.extend(row.ratios().into_iter().map(fmt_ratio));
             line.extend(row.values.iter().map(|v| cell(v, sc)));
             lines.push(line);
         }
@@ -352,8 +361,9 @@ impl Comparison {
     }
 
     /// The comparison as JSON: per figure (keyed with its unit: `ttft_p50_ms`, ...), each
-    /// configuration's median and rounds, keyed by configuration name, and with two
-    /// configurations `ratio` (B's median over A's).
+    /// configuration's median and rounds, keyed by configuration name; `ratios`, every
+    /// later configuration's median over the first's; and with two configurations `ratio`
+    /// (B's median over A's).
     pub fn json(&self) -> Value {
         let mut figures = Map::new();
         for row in &self.rows {
@@ -373,8 +383,16 @@ impl Comparison {
                     .collect(),
             );
             let mut figure = json!({ "label": f.label(), "median": medians, "rounds": rounds });
+            let ratios: Map<String, Value> = self.configs[1..]
+                .iter()
+                .map(|c| c.name.clone())
+                .zip(row.ratios().into_iter().map(|r| json!(r)))
+                .collect();
             if self.configs.len() == 2 {
-                figure["ratio"] = json!(row.ratio());
+                figure["ratio"] = json!(row.ratios()[0]);
+            }
+            if !ratios.is_empty() {
+                figure["ratios"] = Value::Object(ratios);
             }
             figures.insert(f.key().into(), figure);
         }
@@ -386,6 +404,10 @@ impl Comparison {
             "configs": self.configs.iter().map(|c| json!({
                 "name": c.name,
                 "binary": c.binary.as_ref().map(|b| b.display().to_string()),
+                "kind": match c.kind {
+                    ServerKind::Askstream => "askstream",
+                    ServerKind::Floor => "floor",
+                },
                 "server_args": c.server_args,
             })).collect::<Vec<_>>(),
             "figures": figures,
@@ -515,6 +537,7 @@ mod tests {
             .map(|n| Config {
                 name: n.into(),
                 binary: Some("askstream".into()),
+                kind: ServerKind::Askstream,
                 server_args: vec![],
             })
             .to_vec()
@@ -581,10 +604,58 @@ mod tests {
         let c = Config {
             name: "vs".into(),
             binary: Some("target/release/askstream".into()),
+            kind: ServerKind::Askstream,
             server_args: vec!["--sim-tokens".into(), "32".into()],
         };
         assert_eq!(c.describe(), "target/release/askstream --sim-tokens 32");
+        let f = Config {
+            kind: ServerKind::Floor,
+            binary: Some("target/floor/release/floor".into()),
+            ..c.clone()
+        };
+        assert_eq!(
+            f.describe(),
+            "target/floor/release/floor (the floor: no HTTP library)"
+        );
         let t = Config { binary: None, ..c };
         assert_eq!(t.describe(), "the --target server");
+    }
+
+    #[test]
+    fn three_configurations_are_each_compared_with_the_first() {
+        let mut configs = configs();
+        configs.insert(
+            0,
+            Config {
+                name: "floor".into(),
+                binary: Some("floor".into()),
+                kind: ServerKind::Floor,
+                server_args: vec![],
+            },
+        );
+        let runs = [
+            run("floor", 1, 400_000, 1000, 10, 0),
+            run("base", 1, 400_000, 1000, 12, 0),
+            run("vs", 1, 400_000, 1000, 15, 0),
+        ];
+        let c = Comparison::of("D", "low load", &configs, 1, &runs);
+        let cpu = &c.json()["figures"]["server_cpu_us_per_token_event"];
+        assert_eq!(cpu["ratios"]["base"], json!(1.2));
+        assert_eq!(cpu["ratios"]["vs"], json!(1.5));
+        assert_eq!(cpu["ratio"], Value::Null, "only with two configurations");
+        let table = c.table();
+        let header = table.lines().find(|l| l.contains("floor median")).unwrap();
+        assert!(
+            header.contains("base/floor") && header.contains("vs/floor"),
+            "{header}"
+        );
+        let cpu_line = table
+            .lines()
+            .find(|l| l.starts_with("server µs CPU/token"))
+            .unwrap();
+        assert!(
+            cpu_line.contains("1.20") && cpu_line.contains("1.50"),
+            "{cpu_line}"
+        );
     }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use askstream::config::parse_span;
 use clap::Parser;
-use loadtest::compare::{self, Comparison, Config};
+use loadtest::compare::{self, Comparison, Config, ServerKind};
 use loadtest::engine::{self, Load, Settings};
 use loadtest::report::{self, Run};
 use loadtest::workload::{self, Sim, Workload};
@@ -98,6 +98,12 @@ struct Args {
     /// Configuration B's name in reports [default: vs].
     #[arg(long, value_name = "NAME")]
     vs_name: Option<String>,
+
+    /// With --spawn: also run the floor (`../shared/floor`, a server with no HTTP library,
+    /// built at PATH) on every workload, first in each round; every other configuration is
+    /// then reported as a ratio to it, as contract §6.2's targets are.
+    #[arg(long, value_name = "PATH")]
+    floor_bin: Option<PathBuf>,
 
     /// Runs of each workload per configuration, each against a fresh server [default: 3
     /// with configuration B, else 1].
@@ -291,6 +297,7 @@ fn run(args: &Args) -> Result<bool, String> {
             let server = match &config.binary {
                 Some(binary) => Some(spawn::Server::start(&spawn::Launch {
                     binary: binary.clone(),
+                    kind: config.kind,
                     sim,
                     max_streams: most_open.saturating_add(64),
                     cpu: server_cpu,
@@ -378,6 +385,9 @@ fn run(args: &Args) -> Result<bool, String> {
 /// returns the rounds per configuration.
 fn check_configs(args: &Args) -> Result<u32, String> {
     let vs = !args.vs_arg.is_empty() || args.vs_bin.is_some();
+    if args.floor_bin.is_some() && !args.spawn {
+        return Err("--floor-bin runs the floor beside the spawned servers: add --spawn".into());
+    }
     if vs && !args.spawn {
         return Err(
             "--vs-arg and --vs-bin run a second server configuration (B), which the \
@@ -404,10 +414,15 @@ fn check_configs(args: &Args) -> Result<u32, String> {
             "both configurations are named `{a}`: give --name and --vs-name different values"
         ));
     }
+    if args.floor_bin.is_some() && (a == FLOOR || vs && b == FLOOR) {
+        return Err(format!(
+            "`{FLOOR}` names the floor's configuration: pick another name"
+        ));
+    }
     match args.rounds {
         Some(0) => Err("--rounds must be at least 1".into()),
         Some(n) => Ok(n),
-        None if vs => Ok(3),
+        None if vs || args.floor_bin.is_some() => Ok(3),
         None => Ok(1),
     }
 }
@@ -420,15 +435,26 @@ fn names(args: &Args) -> (&str, &str) {
     )
 }
 
-/// The server configurations, A then (when enabled) B; `server_bin` is A's binary with
-/// --spawn, `None` for a --target.
+/// The server configurations: the floor first (with --floor-bin, so every ratio is over
+/// it), then A, then (when enabled) B; `server_bin` is A's binary with --spawn, `None` for
+/// a --target.
 fn configs(args: &Args, server_bin: Option<&Path>) -> Vec<Config> {
     let (a, b) = names(args);
-    let mut configs = vec![Config {
+    let mut configs = Vec::new();
+    if let Some(floor) = &args.floor_bin {
+        configs.push(Config {
+            name: FLOOR.into(),
+            binary: Some(floor.clone()),
+            kind: ServerKind::Floor,
+            server_args: Vec::new(),
+        });
+    }
+    configs.push(Config {
         name: a.into(),
         binary: server_bin.map(Path::to_path_buf),
+        kind: ServerKind::Askstream,
         server_args: args.server_arg.clone(),
-    }];
+    });
     if !args.vs_arg.is_empty() || args.vs_bin.is_some() {
         configs.push(Config {
             name: b.into(),
@@ -436,11 +462,15 @@ fn configs(args: &Args, server_bin: Option<&Path>) -> Vec<Config> {
                 .vs_bin
                 .clone()
                 .or_else(|| server_bin.map(Path::to_path_buf)),
+            kind: ServerKind::Askstream,
             server_args: args.vs_arg.clone(),
         });
     }
     configs
 }
+
+/// The floor configuration's name in reports.
+const FLOOR: &str = "floor";
 
 /// `name` with anything but letters, digits, `-` and `_` replaced, for a file name.
 fn file_safe(name: &str) -> String {

@@ -1,5 +1,5 @@
-//! `--spawn`: run the askstream binary as the target, pinned to its own core; and the
-//! process-level chores of a load run (CPU pinning, the open-file limit).
+//! `--spawn`: run the askstream binary (or the floor) as the target, pinned to its own
+//! core; and the process-level chores of a load run (CPU pinning, the open-file limit).
 //!
 //! Pinning and limits go through the `taskset` and `prlimit` commands (util-linux) rather
 //! than libc calls, which this crate does not depend on. Where they are missing the run
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::compare::ServerKind;
 use crate::procfs;
 use crate::workload::Sim;
 
@@ -27,13 +28,16 @@ pub struct Server {
     pub pid: u32,
     /// Its log (stderr).
     pub log: PathBuf,
+    kind: ServerKind,
 }
 
 /// How to start the server.
 #[derive(Clone, Debug)]
 pub struct Launch {
-    /// The askstream binary.
+    /// The server binary.
     pub binary: PathBuf,
+    /// What it is: askstream takes flags, the floor its environment.
+    pub kind: ServerKind,
     /// Its sim flags.
     pub sim: Sim,
     /// `--max-streams`: above the tool's concurrency, so the server never refuses.
@@ -102,10 +106,20 @@ impl Server {
             }
             None => Command::new(&launch.binary),
         };
-        cmd.args(command_line(launch))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+        // The floor listens where it is told: a port free a moment ago. askstream is given
+        // port 0 and says where it listens.
+        let floor_addr = match launch.kind {
+            ServerKind::Askstream => {
+                cmd.args(command_line(launch));
+                None
+            }
+            ServerKind::Floor => {
+                let addr = free_port()?;
+                cmd.envs(floor_env(launch, addr.port()));
+                Some(addr)
+            }
+        };
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         // The user's ASKSTREAM_* settings (a keys file, other limits) would change what is
         // measured; the spawned server runs with the flags above and defaults only.
         for (key, _) in std::env::vars_os() {
@@ -122,10 +136,34 @@ impl Server {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             pid,
             log: launch.log.clone(),
+            kind: launch.kind,
         };
-        server.addr = server.wait_listening()?;
-        server.wait_healthy()?;
+        match floor_addr {
+            None => {
+                server.addr = server.wait_listening()?;
+                server.wait_healthy()?;
+            }
+            Some(addr) => {
+                server.addr = addr;
+                server.wait_accepting()?;
+            }
+        }
         Ok(server)
+    }
+
+    /// Polls until the floor accepts a connection (it has no health route).
+    fn wait_accepting(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok() {
+                return Ok(());
+            }
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                return Err(format!("the floor never listened on {}", self.addr));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Polls the log for the `listening ... addr=<addr>` line.
@@ -185,6 +223,8 @@ impl Server {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) if status.success() => return Ok(()),
+                // The floor has no signal handler: SIGTERM ends it.
+                Ok(Some(_)) if self.kind == ServerKind::Floor => return Ok(()),
                 Ok(Some(status)) => return Err(format!("the server exited with {status}")),
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
@@ -230,6 +270,23 @@ pub(crate) fn command_line(launch: &Launch) -> Vec<String> {
     }
     line.extend(launch.server_args.iter().cloned());
     line
+}
+
+/// The floor's settings: where to listen and the workload's sim, in its environment.
+pub(crate) fn floor_env(launch: &Launch, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("PORT", port.to_string()),
+        ("SIM_TTFT_MS", launch.sim.ttft_ms.to_string()),
+        ("SIM_TOKEN_MS", launch.sim.token_ms.to_string()),
+        ("SIM_TOKENS", launch.sim.tokens.to_string()),
+    ]
+}
+
+/// A loopback port nothing listens on now (the kernel's pick, released at once).
+fn free_port() -> Result<SocketAddr, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("cannot find a free port: {e}"))
 }
 
 /// Whether `args` give `flag`, as `--flag VALUE` or `--flag=VALUE`.
@@ -376,6 +433,7 @@ mod tests {
     fn extra_flags_come_last_and_replace_standard_ones() {
         let launch = |server_args: &[&str]| Launch {
             binary: "askstream".into(),
+            kind: ServerKind::Askstream,
             sim: Sim {
                 ttft_ms: 0,
                 token_ms: 20,
@@ -387,6 +445,15 @@ mod tests {
             server_args: strings(server_args),
         };
         let plain = command_line(&launch(&[]));
+        assert_eq!(
+            floor_env(&launch(&[]), 18080),
+            [
+                ("PORT", "18080".to_string()),
+                ("SIM_TTFT_MS", "0".to_string()),
+                ("SIM_TOKEN_MS", "20".to_string()),
+                ("SIM_TOKENS", "64".to_string()),
+            ]
+        );
         assert_eq!(plain[..2], strings(&["--listen", "127.0.0.1:0"]));
         assert!(
             plain
