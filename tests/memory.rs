@@ -227,3 +227,48 @@ async fn the_heap_returns_to_its_level_after_every_burst_of_streams() {
         );
     }
 }
+
+/// What one open, idle stream holds on the heap (the server's side and this test's client
+/// together), printed for the README's breakdown of workload C; and all of it is returned
+/// when the streams close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_holds_a_bounded_heap_and_returns_it() {
+    const OPEN: usize = 200;
+    let mut config = config_with_limit(1_000_000);
+    support::sim(&mut config).ttft = Duration::ZERO;
+    support::sim(&mut config).token_interval = Duration::from_secs(3600);
+    support::sim(&mut config).tokens = 10;
+    config.heartbeat = Duration::from_secs(3600);
+    let server = TestServer::start(config).await;
+    // One stream first, so lazily made tables exist before the baseline.
+    let mut warm = RawConn::connect(server.addr).await;
+    warm.start_stream("How do quota refunds work?", "mem-open")
+        .await;
+    drop(warm);
+    server.settled().await;
+    let before = idle_heap().await;
+
+    let mut conns = Vec::new();
+    for _ in 0..OPEN {
+        let mut c = RawConn::connect(server.addr).await;
+        c.start_stream("How do quota refunds work?", "mem-open")
+            .await;
+        assert!(
+            c.read_chunk().await.is_some_and(|t| !t.is_empty()),
+            "a first token"
+        );
+        conns.push(c);
+    }
+    let open = idle_heap().await;
+    let per_stream = (open - before) / OPEN as i64;
+    eprintln!("live heap per open stream (server and test client): {per_stream} B");
+    assert!(per_stream > 0);
+
+    drop(conns);
+    server.settled().await;
+    let after = idle_heap().await;
+    assert!(
+        after - before < 4 * 1024,
+        "the heap went from {before} B to {after} B after the streams closed"
+    );
+}
