@@ -23,6 +23,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::h2;
 use crate::http1::{self, ChunkedDecoder, Framing, Head, HttpError};
 
 /// What every ask of a run sends, and where.
@@ -38,6 +39,8 @@ pub(crate) struct Target {
     pub(crate) body: Vec<u8>,
     /// Reuse connections between asks; otherwise each ask asks the server to close after it.
     pub(crate) keep_alive: bool,
+    /// Asks as HTTP/2 streams over these shared connections (`--h2c`), instead of HTTP/1.1.
+    pub(crate) h2: Option<std::rc::Rc<h2::Pool>>,
 }
 
 /// Receives the measurements of one ask as they happen.
@@ -253,6 +256,9 @@ impl Client {
         read_buf: &RefCell<Vec<u8>>,
         observer: &impl Observer,
     ) -> Result<Finished, Failure> {
+        if let Some(pool) = &target.h2 {
+            return self.ask_h2(pool, target, user, observer).await;
+        }
         http1::write_ask(
             &mut self.request,
             &target.host,
@@ -323,6 +329,53 @@ impl Client {
             self.conn = None;
         }
         result.map_err(|f| (f, response.any_byte))
+    }
+
+    /// One ask as an HTTP/2 stream on the pool's next connection. The body is decoded as
+    /// HTTP/1's would be with no framing: HTTP/2 frames it already.
+    async fn ask_h2(
+        &mut self,
+        pool: &h2::Pool,
+        target: &Target,
+        user: u64,
+        observer: &impl Observer,
+    ) -> Result<Finished, Failure> {
+        let conn = pool.next(target.addr).await?;
+        self.sse.finish();
+        let req = h2::request(target, user);
+        let sent = Instant::now();
+        observer.request_sent(sent);
+        let mut response = Response {
+            head: None,
+            left: 0,
+            sent,
+            tokens: 0,
+            last_token: None,
+            keep_alive: false,
+            ended: None,
+            body_done: false,
+            any_byte: false,
+        };
+        let (status, event_stream, mut body) = h2::send(conn, req).await?;
+        let head = Head {
+            status,
+            framing: Framing::UntilClose,
+            close: false,
+            event_stream,
+        };
+        self.start_body(&mut response, head)?;
+        // Dropping the body once the answer has ended resets the stream if more was coming.
+        while response.ended.is_none() {
+            let Some(data) = h2::next_data(&mut body).await? else {
+                break;
+            };
+            response.any_byte = true;
+            self.body(&mut response, &data, Instant::now(), observer)?;
+        }
+        response
+            .ended
+            .take()
+            .unwrap_or_else(|| Err(self.at_eof(&response).unwrap_or(Failure::Truncated)))
     }
 
     /// Reads until the answer has ended (and, with keep-alive, its body too).

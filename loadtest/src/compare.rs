@@ -487,6 +487,7 @@ mod tests {
             ramp: Duration::ZERO,
             users: 1,
             keep_alive: false,
+            h2c: None,
             stream_timeout: Duration::from_secs(1),
             max_streams_total: 1,
             expect_tokens: None,

@@ -39,6 +39,7 @@ use tokio::sync::Notify;
 use tokio::task::LocalSet;
 
 use crate::client::{Client, Finished, Observer, Target};
+use crate::h2;
 use crate::histogram::Histogram;
 use crate::procfs::{self, Pid};
 
@@ -86,6 +87,9 @@ pub struct Settings {
     pub users: u64,
     /// Reuse connections; otherwise one new connection per ask.
     pub keep_alive: bool,
+    /// Speak HTTP/2 with prior knowledge, every ask a stream on one of this many shared
+    /// connections; `None` for HTTP/1.1.
+    pub h2c: Option<u32>,
     /// An ask running longer is cut and counted as a `timeout` error.
     pub stream_timeout: Duration,
     /// Hard cap on asks started in the whole run.
@@ -400,6 +404,7 @@ async fn run_local(settings: Settings) -> Result<Results, EngineError> {
         path: settings.path.clone(),
         body,
         keep_alive: settings.keep_alive,
+        h2: settings.h2c.map(|n| std::rc::Rc::new(h2::Pool::new(n))),
     };
     let server = settings.server_pid.map(Pid::Other);
     let idle_rss = server.and_then(procfs::memory).map(|m| m.rss);
@@ -828,6 +833,7 @@ mod tests {
             ramp: Duration::ZERO,
             users: 1,
             keep_alive: false,
+            h2c: None,
             stream_timeout: Duration::from_secs(1),
             max_streams_total: 1,
             expect_tokens: None,

@@ -1,7 +1,7 @@
 //! askstream's load tool as a library: everything but the command line, which is the
 //! `loadtest` binary (`src/main.rs`, flags → runs → reports). It measures time to first
 //! token (TTFT) and throughput of any server speaking askstream's event format, at the
-//! client, over HTTP/1.1, on one thread.
+//! client, over HTTP/1.1 or h2c, on one thread.
 //!
 //! ```text
 //! cargo run --release -p loadtest -- --spawn --workload all     # the README's table
@@ -16,6 +16,8 @@
 //!   events are parsed by askstream's own SSE decoder;
 //! - `http1` (internal): just enough HTTP/1.1: request writing, response heads, chunked
 //!   coding;
+//! - `h2` (internal): asks as HTTP/2 streams (h2c) over a few shared connections, with
+//!   hyper's client;
 //! - [`histogram`]: bounded-memory, log-linear latency histograms (what
 //!   [`engine::Results`] holds its latencies in);
 //! - `procfs` (internal): CPU time, resident memory and the open-file limit, from `/proc`;
@@ -30,6 +32,7 @@
 mod client;
 pub mod compare;
 pub mod engine;
+mod h2;
 pub mod histogram;
 mod http1;
 mod procfs;

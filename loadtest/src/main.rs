@@ -149,8 +149,13 @@ struct Args {
     users: u64,
 
     /// Reuse connections between asks (default: one new connection per ask).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "h2c")]
     keep_alive: bool,
+
+    /// Speak HTTP/2 with prior knowledge (h2c): every ask is a stream on one of N
+    /// connections that all asks share, in turn (contract §1.1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    h2c: Option<u32>,
 
     /// An ask running longer is cut and counted as a `timeout` error.
     #[arg(long, value_parser = parse_span, default_value = "60s")]
@@ -385,6 +390,9 @@ fn run(args: &Args) -> Result<bool, String> {
 /// returns the rounds per configuration.
 fn check_configs(args: &Args) -> Result<u32, String> {
     let vs = !args.vs_arg.is_empty() || args.vs_bin.is_some();
+    if args.floor_bin.is_some() && args.h2c.is_some() {
+        return Err("the floor speaks HTTP/1.1 only: drop --floor-bin or --h2c".into());
+    }
     if args.floor_bin.is_some() && !args.spawn {
         return Err("--floor-bin runs the floor beside the spawned servers: add --spawn".into());
     }
@@ -564,6 +572,7 @@ fn settings(
         ramp: w.ramp,
         users: args.users,
         keep_alive: args.keep_alive,
+        h2c: args.h2c,
         stream_timeout: args.stream_timeout,
         max_streams_total: args.max_streams_total,
         expect_tokens: args
@@ -586,10 +595,11 @@ fn describe(args: &Args, sim: Sim, s: &Settings) -> String {
         Load::Closed { concurrency } => format!("closed loop, {concurrency} concurrent"),
         Load::Open { rate, .. } => format!("open loop, {rate} asks/s (Poisson)"),
     };
-    let conn = if s.keep_alive {
-        "keep-alive"
-    } else {
-        "new connection per answer"
+    let conn = match (s.h2c, s.keep_alive) {
+        (Some(1), _) => "h2c, one connection".to_string(),
+        (Some(n), _) => format!("h2c over {n} connections"),
+        (None, true) => "keep-alive".to_string(),
+        (None, false) => "new connection per answer".to_string(),
     };
     format!(
         "{sim}; {load}, {conn}, {} users; {} after {} warm-up",

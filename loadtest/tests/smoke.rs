@@ -52,6 +52,7 @@ fn settings(addr: std::net::SocketAddr, load: Load, keep_alive: bool) -> Setting
         ramp: Duration::from_millis(50),
         users: 3,
         keep_alive,
+        h2c: None,
         stream_timeout: Duration::from_secs(20),
         max_streams_total: 100_000,
         expect_tokens: Some(u64::from(TOKENS)),
@@ -157,4 +158,18 @@ async fn counts_refused_connections_as_errors() {
         "{:?}",
         r.errors
     );
+}
+
+/// Six slots as HTTP/2 streams over two shared connections (hyper's client cannot fall
+/// back to HTTP/1.1, so a clean run is an h2c run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_over_h2c_multiplexes_on_shared_connections() {
+    let (addr, stop, task) = start_server().await;
+    let mut s = settings(addr, Load::Closed { concurrency: 6 }, false);
+    s.h2c = Some(2);
+    let r = engine::run(s).await.expect("runs");
+    assert_clean(&r);
+    assert!(r.peak_in_flight <= 6);
+    let _ = stop.send(());
+    task.await.unwrap();
 }

@@ -1,0 +1,104 @@
+//! `--h2c N`: asks as HTTP/2 streams with prior knowledge (h2c), multiplexed over N
+//! connections that every ask of a run shares, round-robin.
+//!
+//! HTTP/2's framing, flow control and HPACK are not something to write again for a load
+//! tool: this is hyper's client, which the server's crate builds anyway. What the tool
+//! measures is the same as over HTTP/1.1: the TTFT clock starts just before the request is
+//! handed to the connection, and every body frame is fed to askstream's own SSE decoder as
+//! it arrives.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::OnceCell;
+
+use crate::client::{Failure, Target};
+
+/// The run's HTTP/2 connections, each made when an ask first needs it.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    conns: Vec<OnceCell<SendRequest<Full<Bytes>>>>,
+    next: Cell<usize>,
+}
+
+impl Pool {
+    /// A pool of `n` connections (at least one).
+    pub(crate) fn new(n: u32) -> Self {
+        Pool {
+            conns: (0..n.max(1)).map(|_| OnceCell::new()).collect(),
+            next: Cell::new(0),
+        }
+    }
+
+    /// The next connection in turn, connecting it first if it is new.
+    pub(crate) async fn next(&self, addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, Failure> {
+        let i = self.next.get();
+        self.next.set((i + 1) % self.conns.len());
+        let conn = self.conns[i].get_or_try_init(|| handshake(addr)).await?;
+        let mut conn = conn.clone();
+        conn.ready()
+            .await
+            .map_err(|e| Failure::Protocol(format!("h2 connection: {e}")))?;
+        Ok(conn)
+    }
+}
+
+async fn handshake(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, Failure> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| Failure::Connect(e.kind()))?;
+    tcp.set_nodelay(true)
+        .map_err(|e| Failure::Connect(e.kind()))?;
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .map_err(|e| Failure::Protocol(format!("h2 handshake: {e}")))?;
+    // The connection's own task: it ends when every `SendRequest` is dropped.
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// The streaming ask as an HTTP/2 request.
+pub(crate) fn request(target: &Target, user: u64) -> http::Request<Full<Bytes>> {
+    http::Request::post(format!("http://{}{}", target.host, target.path))
+        .header("content-type", "application/json")
+        .header("accept", "text/event-stream")
+        .header("authorization", format!("Bearer user-{user}"))
+        .body(Full::new(Bytes::copy_from_slice(&target.body)))
+        .expect("a request from valid parts")
+}
+
+/// Sends `req`; the response's status, whether it is an event stream, and its body.
+pub(crate) async fn send(
+    mut conn: SendRequest<Full<Bytes>>,
+    req: http::Request<Full<Bytes>>,
+) -> Result<(u16, bool, Incoming), Failure> {
+    let res = conn
+        .send_request(req)
+        .await
+        .map_err(|e| Failure::Protocol(format!("h2 request: {e}")))?;
+    let event_stream = res
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    Ok((res.status().as_u16(), event_stream, res.into_body()))
+}
+
+/// The next data frame of `body`, or `None` at its end.
+pub(crate) async fn next_data(body: &mut Incoming) -> Result<Option<Bytes>, Failure> {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Failure::Protocol(format!("h2 body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
+}
