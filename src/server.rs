@@ -135,7 +135,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                 }
             };
             if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                tracing::debug!(%peer, error = ?e, "connection ended with an error");
             }
         });
     }

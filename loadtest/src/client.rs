@@ -364,8 +364,10 @@ impl Client {
             event_stream,
         };
         self.start_body(&mut response, head)?;
-        // Dropping the body once the answer has ended resets the stream if more was coming.
-        while response.ended.is_none() {
+        // Read to the stream's end even after `done` (which the end follows at once): a
+        // client that resets every stream looks like an attack (HTTP/2 rapid reset) and
+        // gets its connection closed.
+        loop {
             let Some(data) = h2::next_data(&mut body).await? else {
                 break;
             };

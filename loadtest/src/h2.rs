@@ -7,7 +7,7 @@
 //! handed to the connection, and every body frame is fed to askstream's own SSE decoder as
 //! it arrives.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -15,14 +15,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::sync::OnceCell;
 
 use crate::client::{Failure, Target};
 
-/// The run's HTTP/2 connections, each made when an ask first needs it.
+/// The run's HTTP/2 connections, each made when an ask first needs it, and made again
+/// if the server closed it.
 #[derive(Debug)]
 pub(crate) struct Pool {
-    conns: Vec<OnceCell<SendRequest<Full<Bytes>>>>,
+    conns: Vec<RefCell<Option<SendRequest<Full<Bytes>>>>>,
     next: Cell<usize>,
 }
 
@@ -30,17 +30,25 @@ impl Pool {
     /// A pool of `n` connections (at least one).
     pub(crate) fn new(n: u32) -> Self {
         Pool {
-            conns: (0..n.max(1)).map(|_| OnceCell::new()).collect(),
+            conns: (0..n.max(1)).map(|_| RefCell::new(None)).collect(),
             next: Cell::new(0),
         }
     }
 
-    /// The next connection in turn, connecting it first if it is new.
+    /// The next connection in turn, connecting it first if it is new or closed.
     pub(crate) async fn next(&self, addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, Failure> {
         let i = self.next.get();
         self.next.set((i + 1) % self.conns.len());
-        let conn = self.conns[i].get_or_try_init(|| handshake(addr)).await?;
-        let mut conn = conn.clone();
+        let open = self.conns[i].borrow().clone().filter(|c| !c.is_closed());
+        let mut conn = match open {
+            Some(conn) => conn,
+            None => {
+                // Asks that find the slot empty at once each connect; the last one stays.
+                let conn = handshake(addr).await?;
+                *self.conns[i].borrow_mut() = Some(conn.clone());
+                conn
+            }
+        };
         conn.ready()
             .await
             .map_err(|e| Failure::Protocol(format!("h2 connection: {e}")))?;
@@ -54,10 +62,16 @@ async fn handshake(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, Failure
         .map_err(|e| Failure::Connect(e.kind()))?;
     tcp.set_nodelay(true)
         .map_err(|e| Failure::Connect(e.kind()))?;
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .map_err(|e| Failure::Protocol(format!("h2 handshake: {e}")))?;
+    // askstream sends each token as its own small DATA frame. h2 (0.4.20 on) counts the
+    // small frames a connection holds unread against a budget of half its receive window
+    // and sends GOAWAY (ENHANCE_YOUR_CALM, "too_many_data_frames") past it: with hyper's
+    // default 5 MiB window that is some 12,000 frames, which 64 streams of 256 tokens
+    // exceed whenever the tool falls behind. A 256 MiB window makes it a million.
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_connection_window_size(256 << 20)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| Failure::Protocol(format!("h2 handshake: {e}")))?;
     // The connection's own task: it ends when every `SendRequest` is dropped.
     tokio::spawn(async move {
         let _ = conn.await;
