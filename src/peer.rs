@@ -1,5 +1,6 @@
-//! An HTTP/1 connection's socket, shared between hyper and the answer it is serving, so a
-//! client that leaves is seen even when hyper is not reading.
+//! A connection's socket, shared between hyper and the answer it is serving, so a client
+//! that leaves is seen even when hyper is not reading (HTTP/1); and the bytes read to
+//! choose the protocol, which hyper reads first (every protocol).
 //!
 //! hyper notices a closed HTTP/1 connection mid-answer by reading from the socket, but only
 //! while its read buffer is empty. A byte behind the request (a stray CRLF, a pipelined
@@ -34,11 +35,12 @@ use tokio::net::TcpStream;
 /// this large while its previous answer is streaming, unless it means harm.)
 const READ_AHEAD: usize = 8 * 1024;
 
-/// Splits an accepted socket into hyper's IO and the connection's hangup watch.
-pub(crate) fn split(stream: TcpStream) -> (PeerIo, Hangup) {
+/// Splits an accepted socket into hyper's IO and the connection's hangup watch; `first`
+/// is what was read from it already, which hyper reads first.
+pub(crate) fn split(stream: TcpStream, first: Vec<u8>) -> (PeerIo, Hangup) {
     let shared = Arc::new(Shared {
         stream,
-        ahead: Mutex::new(Vec::new()),
+        ahead: Mutex::new(first),
         hung_up: AtomicBool::new(false),
     });
     (PeerIo(shared.clone()), Hangup(shared))
@@ -98,7 +100,13 @@ impl AsyncRead for PeerIo {
             if !ahead.is_empty() {
                 let n = ahead.len().min(buf.remaining());
                 buf.put_slice(&ahead[..n]);
-                ahead.drain(..n);
+                if n == ahead.len() {
+                    // Most connections have their first bytes here and nothing after:
+                    // give the memory back.
+                    *ahead = Vec::new();
+                } else {
+                    ahead.drain(..n);
+                }
                 return Poll::Ready(Ok(()));
             }
             // Polled under the lock: the watch reads ahead only after a readiness event,
@@ -226,7 +234,7 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let (io, hangup) = split(server);
+        let (io, hangup) = split(server, Vec::new());
         (client, io, hangup)
     }
 
@@ -265,6 +273,21 @@ mod tests {
         assert_eq!(rest, b"second third");
         let refused = io.write_all(b"late").await.unwrap_err();
         assert_eq!(refused.kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_come_before_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (mut io, _hangup) = split(server, b"POST / HT".to_vec());
+        client.write_all(b"TP/1.1\r\n").await.unwrap();
+        drop(client);
+        let mut got = Vec::new();
+        io.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"POST / HTTP/1.1\r\n");
     }
 
     #[tokio::test]

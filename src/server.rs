@@ -5,10 +5,11 @@
 //! and its ask refunded within `--dead-peer-secs`), then one task serving HTTP/1.1 or h2c
 //! (prior knowledge), whichever the client speaks.
 //!
-//! The protocol is chosen by peeking at the first bytes, leaving them in the socket.
-//! hyper-util's own detection reads them and replays them to hyper, and that replay makes
-//! hyper's HTTP/1 read buffer double to 16 KB for the connection's whole life: an idle
-//! stream's largest single cost (see `Sniffed`).
+//! The protocol is chosen from the first bytes, read into the socket's read-ahead buffer
+//! ([`peer`]), which hyper then reads before the socket: one read instead of a peek and a
+//! read. (hyper-util's own detection replays them to hyper in a way that makes hyper's
+//! HTTP/1 read buffer double to 16 KB for the connection's whole life: an idle stream's
+//! largest single cost; see `Sniffed`.)
 
 use std::future::Future;
 use std::io;
@@ -99,16 +100,17 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
         let stop_silent = stop_silent.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let Some(sniffed) = sniff(&stream, first_bytes_within, &stop_silent).await else {
+            let Some((sniffed, first)) = sniff(&stream, first_bytes_within, &stop_silent).await
+            else {
                 return;
             };
+            let (io, hangup) = peer::split(stream, first);
             let served: Result<(), BoxError> = match sniffed {
                 // Inline: this task lives as long as the connection, and hyper's
                 // HTTP/1 connection is less than half the size of hyper-util's enum
                 // over both protocols. Its answers watch the socket themselves (hyper
                 // stops reading it while a byte waits behind the request).
                 Sniffed::Http1 => {
-                    let (io, hangup) = peer::split(stream);
                     let conn = protocols
                         .http1
                         .serve_connection(TokioIo::new(io), service.watching(hangup));
@@ -119,7 +121,8 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                 // idle deadline at all, so the connection's requests are counted and it is
                 // dropped when it has been silent too long (see `Activity`).
                 Sniffed::Http2 | Sniffed::Unsure => {
-                    let io = TokioIo::new(stream);
+                    drop(hangup);
+                    let io = TokioIo::new(io);
                     let activity = Arc::new(Activity::default());
                     let service = service.counting(activity.clone());
                     let conn: BoxFuture<'_, Result<(), BoxError>> = if sniffed == Sniffed::Http2 {
@@ -181,23 +184,41 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
     tracing::info!("shut down");
 }
 
-/// Waits for a connection's first bytes and says what they speak, leaving them in the
-/// socket. `None`: silent for the whole header timeout (slowloris), closed before a
-/// byte, failed, or the accept loop ended first; nothing to serve.
+/// Waits for a connection's first bytes, reads what has arrived (at most
+/// [`FIRST_READ`] bytes: a whole typical request) and says what it speaks. `None`: silent
+/// for the whole header timeout (slowloris), closed before a byte, failed, or the accept
+/// loop ended first; nothing to serve.
 ///
 /// hyper's header timeout starts afresh once it reads, so a client whose first byte
 /// comes just before this deadline has up to twice `--header-timeout-secs` for its head.
-async fn sniff(stream: &TcpStream, within: Duration, stop: &CancellationToken) -> Option<Sniffed> {
-    let mut first = [0; H2_PREFACE.len()];
+async fn sniff(
+    stream: &TcpStream,
+    within: Duration,
+    stop: &CancellationToken,
+) -> Option<(Sniffed, Vec<u8>)> {
+    let read = async {
+        let mut first = Vec::with_capacity(FIRST_READ);
+        loop {
+            stream.readable().await?;
+            match stream.try_read_buf(&mut first) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                read => return read.map(|_| first),
+            }
+        }
+    };
     tokio::select! {
         biased;
         () = stop.cancelled() => None,
-        peeked = tokio::time::timeout(within, stream.peek(&mut first)) => match peeked {
-            Ok(Ok(n)) if n > 0 => Some(Sniffed::from_first_bytes(&first[..n])),
+        read = tokio::time::timeout(within, read) => match read {
+            Ok(Ok(first)) if !first.is_empty() => Some((Sniffed::from_first_bytes(&first), first)),
             _ => None,
         },
     }
 }
+
+/// The most a connection's first read takes: a request head as clients send it, and an
+/// h2 client's preface with its first frames. More stays in the socket for hyper.
+const FIRST_READ: usize = 1024;
 
 /// HTTP/2's connection preface: an h2c (prior knowledge) client's first 24 bytes.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
