@@ -23,7 +23,9 @@
 //! - [`Builder`] (`builder`): the composition root, the one place that picks concrete
 //!   pieces (BM25, the sim or openai generator, the in-memory quota map).
 //! - [`serve`] (`server`): the accept loop, socket options, the shutdown sequence;
-//!   [`shutdown`]: the drain and stop states it drives.
+//!   [`shutdown`]: the drain and stop states it drives. `peer`: the socket shared between
+//!   hyper and the answer in flight, which sees an HTTP/1 client leave while hyper is not
+//!   reading. `activity`: an h2 connection's deadlines.
 //! - [`AskService`] (`service`): the hyper service; routing, the checks an ask passes in
 //!   order, and the one place an error becomes a response ([`AskBody`], `body`).
 //!   `request` turns a request into a validated ask.

@@ -197,9 +197,11 @@ async fn sniff(
     stop: &CancellationToken,
 ) -> Option<(Sniffed, Vec<u8>)> {
     let read = async {
-        let mut first = Vec::with_capacity(FIRST_READ);
+        let mut first = Vec::new();
         loop {
             stream.readable().await?;
+            // Only now: a connection that stays silent (slowloris) holds no buffer.
+            first.reserve_exact(FIRST_READ);
             match stream.try_read_buf(&mut first) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 read => return read.map(|_| first),

@@ -74,6 +74,10 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The count is process-wide, so the tests of this binary take turns: one test's server
+/// would be in the other's figures.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const WAIT: Duration = Duration::from_secs(30);
 /// Streams in one burst, half on each protocol.
 const BURST: usize = 200;
@@ -199,6 +203,7 @@ async fn idle_heap() -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_heap_returns_to_its_level_after_every_burst_of_streams() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut config = config_with_limit(1_000_000);
     support::sim(&mut config).ttft = Duration::ZERO;
     support::sim(&mut config).token_interval = Duration::from_millis(2);
@@ -233,6 +238,7 @@ async fn the_heap_returns_to_its_level_after_every_burst_of_streams() {
 /// when the streams close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_stream_holds_a_bounded_heap_and_returns_it() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const OPEN: usize = 200;
     let mut config = config_with_limit(1_000_000);
     support::sim(&mut config).ttft = Duration::ZERO;
