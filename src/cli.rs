@@ -118,6 +118,17 @@ pub(crate) struct Flags {
     #[arg(long, env = "ASKSTREAM_IDLE_CONNECTION_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     idle_connection_secs: u64,
 
+    /// An origin a browser may call the API from (CORS), exactly as the browser sends it,
+    /// e.g. `https://app.example.com`; repeat the flag for more (in the environment
+    /// variable, a comma-separated list). Without it, no CORS headers.
+    #[arg(
+        long = "cors-origin",
+        env = "ASKSTREAM_CORS_ORIGIN",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    cors_origin: Vec<String>,
+
     /// Longest answer in token events: sent upstream as `max_tokens` and enforced.
     #[arg(long, env = "ASKSTREAM_MAX_ANSWER_TOKENS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     max_answer_tokens: u32,
@@ -192,6 +203,7 @@ impl Flags {
             max_connections: self.max_connections as usize,
             max_streams_per_connection: self.max_streams_per_connection,
             idle_connection: Duration::from_secs(self.idle_connection_secs),
+            cors_origins: self.cors_origin.clone(),
             max_answer_tokens: self.max_answer_tokens,
             max_streams: self.max_streams as usize,
             header_timeout: Duration::from_secs(self.header_timeout_secs),

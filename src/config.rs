@@ -53,6 +53,9 @@ pub struct ServiceConfig {
     /// An HTTP/2 connection with no open stream for this long is closed, so idle
     /// multiplexed connections do not pile up.
     pub idle_connection: Duration,
+    /// Origins a browser may call the API from (CORS), exactly as a browser sends them in
+    /// `Origin`, e.g. `https://app.example.com`. Empty: no CORS headers at all.
+    pub cors_origins: Vec<String>,
     /// Longest answer, in token events: sent upstream as `max_tokens`, and enforced here
     /// (reaching it completes the answer), so a broken upstream cannot stream forever.
     pub max_answer_tokens: u32,
@@ -124,6 +127,7 @@ impl Default for ServiceConfig {
             max_connections: 20_000,
             max_streams_per_connection: 100,
             idle_connection: Duration::from_secs(60),
+            cors_origins: Vec::new(),
             max_answer_tokens: 2048,
             max_streams: 10_000,
             header_timeout: Duration::from_secs(10),
@@ -187,6 +191,9 @@ impl ServiceConfig {
         }
         if self.heartbeat.is_zero() {
             return bad("heartbeat", "must be positive");
+        }
+        for origin in &self.cors_origins {
+            crate::cors::check_origin(origin).or_else(|reason| bad("cors_origins", reason))?;
         }
         if let QuotaStoreConfig::Redis { lease, timeout, .. } = &self.quota_store {
             if *lease < Duration::from_secs(1) {

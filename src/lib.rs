@@ -49,6 +49,7 @@ mod body;
 mod builder;
 mod clock;
 pub mod config;
+mod cors;
 mod error;
 mod metrics;
 mod peer;

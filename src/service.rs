@@ -34,6 +34,7 @@ use crate::body::AskBody;
 use crate::builder::Builder;
 use crate::clock::{rfc3339, unix_now};
 use crate::config::ServiceConfig;
+use crate::cors::Cors;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::peer::Hangup;
@@ -73,6 +74,7 @@ pub struct AskService {
 
 struct Inner {
     config: ServiceConfig,
+    cors: Cors,
     pipeline: Arc<Pipeline>,
     auth: Auth,
     quota: Arc<dyn QuotaStore>,
@@ -120,6 +122,7 @@ impl AskService {
         let streams = Arc::new(Semaphore::new(config.max_streams));
         AskService {
             inner: Arc::new(Inner {
+                cors: Cors::new(&config.cors_origins),
                 config,
                 pipeline: Arc::new(pipeline),
                 auth,
@@ -439,11 +442,20 @@ where
         let open = self.activity.as_ref().map(Activity::open);
         let this = self.clone();
         Box::pin(async move {
-            let res = this.route(req).await;
-            Ok(match open {
-                Some(open) => res.map(|body| body.holding(open)),
-                None => res,
-            })
+            let origin = this.inner.cors.allowed(req.headers());
+            let mut res = match origin {
+                Some(origin) if req.method() == Method::OPTIONS => Cors::preflight(origin),
+                Some(origin) => {
+                    let mut res = this.route(req).await;
+                    Cors::mark(&mut res, origin);
+                    res
+                }
+                None => this.route(req).await,
+            };
+            if let Some(open) = open {
+                res = res.map(|body| body.holding(open));
+            }
+            Ok(res)
         })
     }
 }
