@@ -14,16 +14,11 @@
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 
-import { chromium } from 'playwright-core';
-
-const ROOT = fileURLToPath(new URL('../../', import.meta.url));
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+import { ROOT, launchBrowser, serverBinary, startServer } from './harness.mjs';
 const SCREENSHOT = process.env.ASKSTREAM_UPDATE_SCREENSHOT
   ? join(ROOT, 'docs/screenshot.png')
   : join(ROOT, 'target/browser-test/screenshot.png');
@@ -55,7 +50,7 @@ let hostile;
 let docsDir;
 
 before(async () => {
-  const binary = process.env.ASKSTREAM_BIN || buildServer();
+  const binary = serverBinary();
   docsDir = await mkdtemp(join(tmpdir(), 'askstream-docs-'));
   await writeFile(join(docsDir, 'hostile.md'), HOSTILE_DOC);
   await writeFile(join(docsDir, 'linked.md'), LINKED_DOC);
@@ -67,14 +62,7 @@ before(async () => {
       '--sim-ttft-ms', '0', '--sim-token-ms', '5', '--sim-tokens', '30',
     ]),
   ]);
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic',
-    ],
-  });
+  browser = await launchBrowser();
 });
 
 after(async () => {
@@ -237,45 +225,6 @@ function scenario(name, body) {
       error.message += `\n${state.join('\n')}`;
       throw error;
     }
-  });
-}
-
-function buildServer() {
-  execFileSync('cargo', ['build', '--quiet', '--bin', 'askstream'], { cwd: ROOT, stdio: 'inherit' });
-  return join(ROOT, 'target/debug/askstream');
-}
-
-/** Starts the binary on a free port; resolves once it logs the address it listens on. */
-function startServer(binary, flags) {
-  const args = ['--listen', '127.0.0.1:0', '--shutdown-grace-secs', '1', ...flags];
-  const child = spawn(binary, args, {
-    stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, RUST_LOG: 'info', NO_COLOR: '1' },
-  });
-  let log = '';
-  const exited = new Promise((resolve) => child.once('exit', resolve));
-  const kill = () => child.kill('SIGKILL');
-  process.once('exit', kill);
-  return new Promise((resolve, reject) => {
-    child.stderr.setEncoding('utf8');
-    child.stderr.on('data', (data) => {
-      log += data;
-      const m = /listening .*addr=(\S+)/.exec(log);
-      if (m) {
-        resolve({
-          url: `http://${m[1]}`,
-          log: () => log,
-          exitCode: () => child.exitCode ?? child.signalCode,
-          async stop() {
-            process.removeListener('exit', kill);
-            child.kill('SIGTERM');
-            await exited;
-          },
-        });
-      }
-    });
-    child.once('error', reject);
-    exited.then((code) => reject(new Error(`askstream exited (${code}) before listening:\n${log}`)));
   });
 }
 
