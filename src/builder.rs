@@ -144,7 +144,29 @@ impl Builder {
             None => store(&config)?,
         };
         let pipeline = Pipeline::new(retriever, generator, shutdown, &config);
-        Ok(AskService::assemble(config, auth, quota, pipeline))
+        let tls = tls(&config)?;
+        Ok(AskService::assemble(config, auth, quota, pipeline, tls))
+    }
+}
+
+/// The TLS acceptor `config.tls` asks for, read now so a bad file stops the start.
+#[cfg(feature = "tls")]
+fn tls(config: &ServiceConfig) -> Result<Option<Arc<crate::tls::Tls>>, StartupError> {
+    config
+        .tls
+        .as_ref()
+        .map(|files| crate::tls::Tls::load(files).map(Arc::new))
+        .transpose()
+        .map_err(StartupError::Tls)
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls(config: &ServiceConfig) -> Result<Option<std::convert::Infallible>, StartupError> {
+    match config.tls {
+        Some(_) => Err(StartupError::Tls(
+            "this build has no TLS support (cargo feature `tls`)".into(),
+        )),
+        None => Ok(None),
     }
 }
 
@@ -206,6 +228,9 @@ pub enum StartupError {
     /// The `openai` generator's settings are unusable (a URL that is not `http://`, an
     /// empty model, a key that cannot be sent).
     Upstream(openai::ConfigError),
+    /// The TLS certificate or key cannot be used (unreadable, not PEM, not a pair), or
+    /// TLS support was not built in.
+    Tls(String),
 }
 
 impl std::fmt::Display for StartupError {
@@ -219,6 +244,7 @@ impl std::fmt::Display for StartupError {
             }
             StartupError::Upstream(e) => write!(f, "upstream: {e}"),
             StartupError::QuotaStore(e) => write!(f, "quota store: {e}"),
+            StartupError::Tls(e) => write!(f, "TLS: {e}"),
         }
     }
 }

@@ -118,6 +118,25 @@ pub(crate) struct Flags {
     #[arg(long, env = "ASKSTREAM_IDLE_CONNECTION_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     idle_connection_secs: u64,
 
+    /// TLS on the port: the certificate chain, PEM (the server's certificate first). With
+    /// `--tls-key`; the port then speaks TLS only, with ALPN h2 and http/1.1.
+    #[arg(
+        long,
+        env = "ASKSTREAM_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// The TLS certificate's private key, PEM. With `--tls-cert`.
+    #[arg(
+        long,
+        env = "ASKSTREAM_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+
     /// An origin a browser may call the API from (CORS), exactly as the browser sends it,
     /// e.g. `https://app.example.com`; repeat the flag for more (in the environment
     /// variable, a comma-separated list). Without it, no CORS headers.
@@ -203,6 +222,11 @@ impl Flags {
             max_connections: self.max_connections as usize,
             max_streams_per_connection: self.max_streams_per_connection,
             idle_connection: Duration::from_secs(self.idle_connection_secs),
+            tls: self
+                .tls_cert
+                .clone()
+                .zip(self.tls_key.clone())
+                .map(|(cert, key)| askstream::TlsFiles { cert, key }),
             cors_origins: self.cors_origin.clone(),
             max_answer_tokens: self.max_answer_tokens,
             max_streams: self.max_streams as usize,

@@ -53,6 +53,9 @@ pub struct ServiceConfig {
     /// An HTTP/2 connection with no open stream for this long is closed, so idle
     /// multiplexed connections do not pile up.
     pub idle_connection: Duration,
+    /// TLS on the port: the certificate chain and key. `None`: cleartext HTTP/1.1 and h2c,
+    /// for use behind a TLS-terminating proxy.
+    pub tls: Option<TlsFiles>,
     /// Origins a browser may call the API from (CORS), exactly as a browser sends them in
     /// `Origin`, e.g. `https://app.example.com`. Empty: no CORS headers at all.
     pub cors_origins: Vec<String>,
@@ -127,6 +130,7 @@ impl Default for ServiceConfig {
             max_connections: 20_000,
             max_streams_per_connection: 100,
             idle_connection: Duration::from_secs(60),
+            tls: None,
             cors_origins: Vec::new(),
             max_answer_tokens: 2048,
             max_streams: 10_000,
@@ -138,6 +142,15 @@ impl Default for ServiceConfig {
             shutdown_grace: Duration::from_secs(30),
         }
     }
+}
+
+/// Where the TLS certificate chain and its key are (`--tls-cert`, `--tls-key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM: the server's certificate first, then any intermediates.
+    pub cert: PathBuf,
+    /// PEM: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// A setting that cannot work, found when the service is built rather than at the

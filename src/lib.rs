@@ -60,12 +60,14 @@ mod server;
 mod service;
 pub mod shutdown;
 pub mod sse;
+#[cfg(feature = "tls")]
+mod tls;
 mod web;
 pub mod wire;
 
 pub use body::AskBody;
 pub use builder::{Builder, StartupError};
-pub use config::{GeneratorConfig, QuotaStoreConfig, ServiceConfig};
+pub use config::{GeneratorConfig, QuotaStoreConfig, ServiceConfig, TlsFiles};
 pub use error::{ApiError, ErrorCode};
 pub use pipeline::BoxFuture;
 pub use server::serve;

@@ -3,7 +3,8 @@
 //! Each accepted socket gets `TCP_NODELAY` (a token frame must not wait for Nagle),
 //! TCP keepalive and `TCP_USER_TIMEOUT` (a peer that vanished without FIN or RST is found
 //! and its ask refunded within `--dead-peer-secs`), then one task serving HTTP/1.1 or h2c
-//! (prior knowledge), whichever the client speaks.
+//! (prior knowledge), whichever the client speaks; or, with TLS, the handshake and then
+//! whichever protocol ALPN chose.
 //!
 //! The protocol is chosen from the first bytes, read into the socket's read-ahead buffer
 //! ([`peer`]), which hyper then reads before the socket: one read instead of a peek and a
@@ -20,7 +21,7 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -29,7 +30,6 @@ use tokio_util::sync::CancellationToken;
 use crate::activity::Activity;
 use crate::config::ServiceConfig;
 use crate::peer;
-use crate::pipeline::BoxFuture;
 use crate::service::AskService;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -50,7 +50,15 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
     // check with 503, so new connections must still be served.)
     let stop_silent = CancellationToken::new();
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "listening (HTTP/1.1 and h2c)");
+        #[cfg(feature = "tls")]
+        let tls = service.tls().is_some();
+        #[cfg(not(feature = "tls"))]
+        let tls = false;
+        if tls {
+            tracing::info!(%addr, "listening (TLS: h2 and HTTP/1.1 by ALPN)");
+        } else {
+            tracing::info!(%addr, "listening (HTTP/1.1 and h2c)");
+        }
     }
 
     // On Linux an accepted socket inherits these options from its listener: set once,
@@ -98,8 +106,30 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
             config.slow_client,
         );
         let stop_silent = stop_silent.clone();
+        // Taken now: after a reload, connections accepted from then on get the new one.
+        #[cfg(feature = "tls")]
+        let tls = service.tls().map(|t| t.acceptor());
         tokio::spawn(async move {
             let _permit = permit;
+            #[cfg(feature = "tls")]
+            if let Some(acceptor) = tls {
+                // Boxed: a TLS session is large, and cleartext connections should not
+                // carry room for one in their task.
+                let served = Box::pin(serve_tls(
+                    acceptor,
+                    stream,
+                    &protocols,
+                    service,
+                    watcher,
+                    deadlines,
+                    &stop_silent,
+                ))
+                .await;
+                if let Err(e) = served {
+                    tracing::debug!(%peer, error = ?e, "connection ended with an error");
+                }
+                return;
+            }
             let Some((sniffed, first)) = sniff(&stream, first_bytes_within, &stop_silent).await
             else {
                 return;
@@ -108,31 +138,31 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
             let served: Result<(), BoxError> = match sniffed {
                 // Inline: this task lives as long as the connection, and hyper's
                 // HTTP/1 connection is less than half the size of hyper-util's enum
-                // over both protocols. Its answers watch the socket themselves (hyper
-                // stops reading it while a byte waits behind the request).
+                // over both protocols.
                 Sniffed::Http1 => {
-                    let conn = protocols
-                        .http1
-                        .serve_connection(TokioIo::new(io), service.watching(hangup));
-                    watcher.watch(conn).await.map_err(Into::into)
+                    serve_http1(&protocols.http1, TokioIo::new(io), service, hangup, watcher).await
                 }
-                // Boxed: h2 connections are few and long-lived, and a split preface (hyper-
-                // util's detection) is rare. hyper keeps no head deadline for h2 and no
-                // idle deadline at all, so the connection's requests are counted and it is
-                // dropped when it has been silent too long (see `Activity`).
-                Sniffed::Http2 | Sniffed::Unsure => {
+                // Boxed: h2 connections are few and long-lived.
+                Sniffed::Http2 => {
                     drop(hangup);
                     let io = TokioIo::new(io);
+                    Box::pin(serve_http2(
+                        &protocols.http2,
+                        io,
+                        service,
+                        watcher,
+                        deadlines,
+                    ))
+                    .await
+                }
+                // A split preface (hyper-util's detection) is rare.
+                Sniffed::Unsure => {
+                    drop(hangup);
                     let activity = Arc::new(Activity::default());
                     let service = service.counting(activity.clone());
-                    let conn: BoxFuture<'_, Result<(), BoxError>> = if sniffed == Sniffed::Http2 {
-                        let conn = protocols.http2.serve_connection(io, service);
-                        Box::pin(async { watcher.watch(conn).await.map_err(Into::into) })
-                    } else {
-                        Box::pin(watcher.watch(protocols.unsure.serve_connection(io, service)))
-                    };
+                    let conn = protocols.unsure.serve_connection(TokioIo::new(io), service);
                     tokio::select! {
-                        served = conn => served,
+                        served = Box::pin(watcher.watch(conn)) => served,
                         () = activity.expired(deadlines.0, deadlines.1, deadlines.2) => Ok(()),
                     }
                 }
@@ -182,6 +212,93 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
         );
     }
     tracing::info!("shut down");
+}
+
+/// The deadlines an h2 connection is held to: its first request, idleness, and a stream
+/// outliving its answer (see `Activity`).
+type Deadlines = (Duration, Duration, Duration);
+
+/// Serves HTTP/1.1 on `io`. Its answers watch the socket themselves through `hangup`:
+/// hyper stops reading it while a byte waits behind the request.
+async fn serve_http1<I>(
+    http1: &http1::Builder,
+    io: I,
+    service: AskService,
+    hangup: peer::Hangup,
+    watcher: Watcher,
+) -> Result<(), BoxError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = http1.serve_connection(io, service.watching(hangup));
+    watcher.watch(conn).await.map_err(Into::into)
+}
+
+/// Serves HTTP/2 on `io`. hyper keeps no head deadline for h2 and no idle deadline at
+/// all, so the connection's requests are counted and it is dropped when it has been
+/// silent too long.
+async fn serve_http2<I>(
+    http2: &http2::Builder<TokioExecutor>,
+    io: I,
+    service: AskService,
+    watcher: Watcher,
+    deadlines: Deadlines,
+) -> Result<(), BoxError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::default());
+    let conn = http2.serve_connection(io, service.counting(activity.clone()));
+    tokio::select! {
+        served = watcher.watch(conn) => served.map_err(Into::into),
+        () = activity.expired(deadlines.0, deadlines.1, deadlines.2) => Ok(()),
+    }
+}
+
+/// A TLS connection: the handshake within the head deadline (a stalled one is dropped),
+/// then HTTP/2 or HTTP/1.1 as ALPN chose. The answers' hangup watch sees the socket under
+/// the TLS session.
+#[cfg(feature = "tls")]
+async fn serve_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    protocols: &Protocols,
+    service: AskService,
+    watcher: Watcher,
+    deadlines: Deadlines,
+    stop: &CancellationToken,
+) -> Result<(), BoxError> {
+    let (io, hangup) = peer::split(stream, Vec::new());
+    let handshake = tokio::select! {
+        biased;
+        () = stop.cancelled() => return Ok(()),
+        done = tokio::time::timeout(deadlines.0, acceptor.accept(io)) => done,
+    };
+    let session = match handshake {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err("the TLS handshake did not complete in time".into()),
+    };
+    if crate::tls::chose_h2(&session) {
+        drop(hangup);
+        serve_http2(
+            &protocols.http2,
+            TokioIo::new(session),
+            service,
+            watcher,
+            deadlines,
+        )
+        .await
+    } else {
+        serve_http1(
+            &protocols.http1,
+            TokioIo::new(session),
+            service,
+            hangup,
+            watcher,
+        )
+        .await
+    }
 }
 
 /// Waits for a connection's first bytes, reads what has arrived (at most

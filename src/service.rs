@@ -75,6 +75,9 @@ pub struct AskService {
 struct Inner {
     config: ServiceConfig,
     cors: Cors,
+    /// The TLS acceptor, when the port speaks TLS.
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<crate::tls::Tls>>,
     pipeline: Arc<Pipeline>,
     auth: Auth,
     quota: Arc<dyn QuotaStore>,
@@ -118,11 +121,15 @@ impl AskService {
         auth: Auth,
         quota: Arc<dyn QuotaStore>,
         pipeline: Pipeline,
+        #[cfg(feature = "tls")] tls: Option<Arc<crate::tls::Tls>>,
+        #[cfg(not(feature = "tls"))] _tls: Option<Infallible>,
     ) -> Self {
         let streams = Arc::new(Semaphore::new(config.max_streams));
         AskService {
             inner: Arc::new(Inner {
                 cors: Cors::new(&config.cors_origins),
+                #[cfg(feature = "tls")]
+                tls,
                 config,
                 pipeline: Arc::new(pipeline),
                 auth,
@@ -162,6 +169,12 @@ impl AskService {
             hangup: Some(hangup),
             ..self.clone()
         }
+    }
+
+    /// The TLS acceptor for new connections, when the port speaks TLS.
+    #[cfg(feature = "tls")]
+    pub(crate) fn tls(&self) -> Option<&Arc<crate::tls::Tls>> {
+        self.inner.tls.as_ref()
     }
 
     /// The configuration the service was built with.
