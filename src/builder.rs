@@ -104,6 +104,12 @@ impl Builder {
             shutdown,
         } = self;
         config.validate().map_err(StartupError::Config)?;
+        // A reload reads the keys file again only if the keys came from it.
+        let keys_file = if auth.is_some() {
+            None
+        } else {
+            config.keys.clone()
+        };
         let auth = match (auth, &config.keys) {
             (Some(a), _) => a,
             (None, Some(path)) => Auth::from_file(path).map_err(StartupError::Keys)?,
@@ -145,7 +151,9 @@ impl Builder {
         };
         let pipeline = Pipeline::new(retriever, generator, shutdown, &config);
         let tls = tls(&config)?;
-        Ok(AskService::assemble(config, auth, quota, pipeline, tls))
+        Ok(AskService::assemble(
+            config, auth, keys_file, quota, pipeline, tls,
+        ))
     }
 }
 

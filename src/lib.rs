@@ -71,4 +71,4 @@ pub use config::{GeneratorConfig, QuotaStoreConfig, ServiceConfig, TlsFiles};
 pub use error::{ApiError, ErrorCode};
 pub use pipeline::BoxFuture;
 pub use server::serve;
-pub use service::{AskService, PeerAddr};
+pub use service::{AskService, PeerAddr, ReloadError};

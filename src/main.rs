@@ -58,6 +58,17 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // SIGHUP's default action ends the process: the handler goes in before anything
+        // an operator could reload exists.
+        #[cfg(unix)]
+        let mut hangups =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("askstream: cannot install the SIGHUP handler: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         let service = match askstream::AskService::builder(config).build() {
             Ok(s) => s,
             Err(e) => {
@@ -79,6 +90,18 @@ fn main() -> ExitCode {
         let signal = async {
             let _ = first.await;
         };
+        // SIGHUP: the keys file and the certificate read again (reload logs the outcome),
+        // off the runtime's threads since it reads files.
+        #[cfg(unix)]
+        {
+            let service = service.clone();
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    let service = service.clone();
+                    let _ = tokio::task::spawn_blocking(move || service.reload()).await;
+                }
+            });
+        }
         let listener = match tokio::net::TcpListener::bind(flags.listen).await {
             Ok(l) => l,
             Err(e) => {

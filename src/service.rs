@@ -13,8 +13,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Once, RwLock};
 use std::task::Context;
 
 use bytes::Bytes;
@@ -59,6 +60,19 @@ pub(crate) const HEALTH_PATH: &str = "/healthz";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// What [`AskService::reload`] could not load, with the file and the reason; the old
+/// keys or certificate stay in force.
+#[derive(Debug, Clone)]
+pub struct ReloadError(String);
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
 /// The askstream HTTP API as a hyper service. Cheap to clone (one `Arc`).
 #[derive(Clone)]
 pub struct AskService {
@@ -79,7 +93,12 @@ struct Inner {
     #[cfg(feature = "tls")]
     tls: Option<Arc<crate::tls::Tls>>,
     pipeline: Arc<Pipeline>,
-    auth: Auth,
+    /// Swapped whole by a reload; a request holds the read lock only while it looks its
+    /// caller up.
+    auth: RwLock<Auth>,
+    /// The keys file a reload reads again: `config.keys`, unless the embedder handed the
+    /// builder an [`Auth`] of its own.
+    keys_file: Option<PathBuf>,
     quota: Arc<dyn QuotaStore>,
     /// Bounds answers in flight (`--max-streams`); a permit lives as long as its answer.
     streams: Arc<Semaphore>,
@@ -119,6 +138,7 @@ impl AskService {
     pub(crate) fn assemble(
         config: ServiceConfig,
         auth: Auth,
+        keys_file: Option<PathBuf>,
         quota: Arc<dyn QuotaStore>,
         pipeline: Pipeline,
         #[cfg(feature = "tls")] tls: Option<Arc<crate::tls::Tls>>,
@@ -132,7 +152,8 @@ impl AskService {
                 tls,
                 config,
                 pipeline: Arc::new(pipeline),
-                auth,
+                auth: RwLock::new(auth),
+                keys_file,
                 quota,
                 streams,
                 answers: TaskTracker::new(),
@@ -175,6 +196,52 @@ impl AskService {
     #[cfg(feature = "tls")]
     pub(crate) fn tls(&self) -> Option<&Arc<crate::tls::Tls>> {
         self.inner.tls.as_ref()
+    }
+
+    /// Reads the keys file and the TLS certificate and key again (contract §1.3, what the
+    /// binary does on SIGHUP), so that keys can be revoked and certificates renewed
+    /// without a restart, which would cut every answer streaming.
+    ///
+    /// Asks identified and connections accepted from now on use what was read; answers
+    /// already running are untouched, and a live TLS connection keeps its certificate. A
+    /// file that fails to load leaves the old one in force. Each outcome is logged. Reads
+    /// files: call it from a blocking-friendly context (`spawn_blocking`) in a server.
+    ///
+    /// # Errors
+    /// What could not be loaded, naming the file; everything else was reloaded.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let inner = &*self.inner;
+        let mut failed = Vec::new();
+        if let Some(path) = &inner.keys_file {
+            match Auth::from_file(path) {
+                Ok(auth) => {
+                    tracing::info!(?auth, "keys file reloaded");
+                    *inner.auth.write().unwrap_or_else(|e| e.into_inner()) = auth;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "keys file not reloaded: the old keys stay in force");
+                    failed.push(e.to_string());
+                }
+            }
+        }
+        #[cfg(feature = "tls")]
+        if let (Some(tls), Some(files)) = (&inner.tls, &inner.config.tls) {
+            match tls.reload(files) {
+                Ok(()) => tracing::info!(
+                    cert = %files.cert.display(),
+                    "TLS certificate reloaded: new connections use it"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS certificate not reloaded: the old one stays in force");
+                    failed.push(e);
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(ReloadError(failed.join("; ")))
+        }
     }
 
     /// The configuration the service was built with.
@@ -260,8 +327,20 @@ impl AskService {
         res
     }
 
-    fn peer_ip(&self, req_peer: Option<&PeerAddr>) -> Option<std::net::IpAddr> {
-        req_peer.map(|p| p.0).or(self.peer).map(|a| a.ip())
+    /// Who is asking: the request's [`PeerAddr`], else this connection's peer, stands in
+    /// for a missing bearer token in open mode.
+    fn identify<B>(&self, req: &Request<B>) -> Result<crate::auth::Identity, ApiError> {
+        let peer = req
+            .extensions()
+            .get::<PeerAddr>()
+            .map(|p| p.0)
+            .or(self.peer)
+            .map(|a| a.ip());
+        self.inner
+            .auth
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .identify(req.headers(), peer)
     }
 
     async fn ask<B>(self, req: Request<B>) -> Response<AskBody>
@@ -310,9 +389,7 @@ impl AskService {
             ));
         }
         request::check_content_type(req.headers())?;
-        let identity = inner
-            .auth
-            .identify(req.headers(), self.peer_ip(req.extensions().get()))?;
+        let identity = self.identify(&req)?;
         let version = req.version();
         let body = request::read_body(
             req.into_body(),
@@ -393,10 +470,7 @@ impl AskService {
 
     async fn quota_status<B>(self, req: Request<B>) -> Response<AskBody> {
         let inner = &*self.inner;
-        let identity = match inner
-            .auth
-            .identify(req.headers(), self.peer_ip(req.extensions().get()))
-        {
+        let identity = match self.identify(&req) {
             Ok(i) => i,
             Err(e) => return error_response(&e, Mode::Json),
         };

@@ -3,8 +3,9 @@
 //! connections per origin, one per open answer.
 //!
 //! rustls with the ring provider, TLS 1.2 and 1.3, ALPN `h2` then `http/1.1`. The
-//! certificate chain and key are PEM files read at startup; the acceptor sits behind a
-//! lock so that a reload can swap it for new connections while live ones keep theirs.
+//! certificate chain and key are PEM files read at startup and again on each reload; the
+//! acceptor sits behind a lock so that a reload swaps it for new connections while live
+//! ones keep the one they were accepted with.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -33,6 +34,14 @@ impl Tls {
         Ok(Tls {
             acceptor: RwLock::new(TlsAcceptor::from(server_config(files)?)),
         })
+    }
+
+    /// Reads `files` again and, if they are usable, makes them the acceptor for
+    /// connections accepted from now on. If not, the old acceptor stays.
+    pub(crate) fn reload(&self, files: &TlsFiles) -> Result<(), String> {
+        let fresh = TlsAcceptor::from(server_config(files)?);
+        *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
     }
 
     /// The acceptor for a connection accepted now.

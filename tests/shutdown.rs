@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use askstream::ServiceConfig;
 use serde_json::Value;
+use support::process::{self, Child, send_signal};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -367,16 +368,6 @@ async fn shutdown_racing_live_streams_on_many_threads() {
 // The binary
 // ---------------------------------------------------------------------------------------
 
-/// Kills the child if the test fails before it exits.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The askstream binary, with a first token an hour away, its log lines on a channel, and
 /// the address it listens on.
 fn spawn_binary(
@@ -387,70 +378,18 @@ fn spawn_binary(
     Vec<String>,
     SocketAddr,
 ) {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    use std::sync::mpsc;
-
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_askstream"));
-    cmd.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--shutdown-grace-secs",
-        grace_secs,
-        "--ttft-timeout-ms",
-        "7200000",
-    ])
-    .env("RUST_LOG", "info")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("ASKSTREAM_") {
-            cmd.env_remove(key);
-        }
-    }
-    // Set through the environment, as the README promises every flag can be: were the
-    // variable ignored, the default 150 ms first token would finish the answer with
-    // `done` instead of the `SHUTTING_DOWN` these tests expect.
-    cmd.env("ASKSTREAM_SIM_TTFT_MS", "3600000");
-    let mut child = Child(cmd.spawn().expect("spawn askstream"));
-
-    // stderr, line by line, on a thread (the pipe must keep draining).
-    let stderr = child.0.stderr.take().unwrap();
-    let (lines_tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log = Vec::new();
-    let addr: SocketAddr = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no `listening` line; stderr so far: {log:#?}"));
-        log.push(line.clone());
-        if line.contains("listening (HTTP/1.1 and h2c)") {
-            let addr = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .unwrap_or_else(|| panic!("no addr= in {line:?}"));
-            break addr.parse().expect("a socket address");
-        }
-    };
-    (child, lines, log, addr)
-}
-
-/// Sends `signal` to the child.
-fn send_signal(child: &Child, signal: &str) {
-    let sent = std::process::Command::new("kill")
-        .args([signal, &child.0.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(sent.success());
+    // The first token is set through the environment, as the README promises every flag
+    // can be: were the variable ignored, the default 150 ms first token would finish the
+    // answer with `done` instead of the `SHUTTING_DOWN` these tests expect.
+    process::spawn(process::command(
+        &[
+            "--shutdown-grace-secs",
+            grace_secs,
+            "--ttft-timeout-ms",
+            "7200000",
+        ],
+        &[("ASKSTREAM_SIM_TTFT_MS", "3600000")],
+    ))
 }
 
 /// Waits for the child's exit, bounded by `within`; its status.

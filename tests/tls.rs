@@ -47,6 +47,16 @@ impl Cert {
         }
     }
 
+    /// Puts this certificate and key in place of `other`'s files, each by a rename, as
+    /// certificate tools renew them.
+    fn install_over(&self, other: &Cert) {
+        for name in ["cert.pem", "key.pem"] {
+            let tmp = other.dir.join(format!("{name}.new"));
+            std::fs::copy(self.dir.join(name), &tmp).unwrap();
+            std::fs::rename(&tmp, other.dir.join(name)).unwrap();
+        }
+    }
+
     fn files(&self) -> TlsFiles {
         TlsFiles {
             cert: self.dir.join("cert.pem"),
@@ -69,6 +79,17 @@ fn tls_config(cert: &Cert, limit: u32) -> ServiceConfig {
 
 /// A TLS client that trusts only `cert`, offering `alpn`.
 async fn connect(addr: std::net::SocketAddr, cert: &Cert, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    try_connect(addr, cert, alpn)
+        .await
+        .expect("the TLS handshake completes")
+}
+
+/// [`connect`], with the handshake's error (an untrusted certificate) returned.
+async fn try_connect(
+    addr: std::net::SocketAddr,
+    cert: &Cert,
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der.clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -82,7 +103,6 @@ async fn connect(addr: std::net::SocketAddr, cert: &Cert, alpn: &[&[u8]]) -> Tls
     TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .expect("the TLS handshake completes")
 }
 
 fn alpn(stream: &TlsStream<TcpStream>) -> Option<&[u8]> {
@@ -276,4 +296,91 @@ fn unusable_tls_files_stop_the_start() {
             other => panic!("{what}: {other:?}"),
         }
     }
+}
+
+/// The certificate is renewed while an answer streams over h2: after the reload, new
+/// handshakes get the new certificate (a client trusting only the old one fails), the
+/// connection accepted before keeps working (new streams too) and its live answer
+/// finishes. A broken file then keeps the renewed certificate in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_gives_new_connections_the_new_certificate_and_spares_live_ones() {
+    let old = Cert::new("renew-old");
+    let new = Cert::new("renew-new");
+    let gate = tokio_util::sync::CancellationToken::new();
+    let server = TestServer::start_with(
+        AskService::builder(tls_config(&old, 100))
+            .generator(Arc::new(support::script::GateGen(gate.clone()))),
+    )
+    .await;
+
+    let stream = connect(server.addr, &old, &[b"h2"]).await;
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 over TLS");
+    let driver = tokio::spawn(conn);
+    let ask = |send: &hyper::client::conn::http2::SendRequest<Full<Bytes>>, user: &str| {
+        let req = http::Request::post("https://localhost/api/v1/ai/ask?stream=true")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {user}"))
+            .body(Full::new(Bytes::from(ask_body(QUERY))))
+            .unwrap();
+        send.clone().send_request(req)
+    };
+    let mut live = ask(&send, "renew-live")
+        .await
+        .expect("a response")
+        .into_body();
+    let first = tokio::time::timeout(WAIT, live.frame())
+        .await
+        .expect("the first token")
+        .expect("a frame")
+        .unwrap();
+    let first = first.into_data().unwrap();
+    assert!(find(&first, b"\"one\"").is_some(), "{first:?}");
+
+    new.install_over(&old);
+    server.service.reload().expect("the renewed files load");
+
+    let err = try_connect(server.addr, &old, &[b"h2"]).await.err();
+    assert!(
+        err.is_some(),
+        "a new handshake no longer shows the old certificate"
+    );
+    let fresh = connect(server.addr, &new, &[b"h2"]).await;
+    let shown = fresh.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(shown, new.der, "a new handshake shows the new certificate");
+    drop(fresh);
+
+    // The old connection still carries new streams, and its live answer ends complete.
+    gate.cancel();
+    let again = ask(&send, "renew-again").await.expect("a response");
+    assert_eq!(again.status(), 200);
+    let again = again.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(data_events(&again).last().unwrap()["type"], "done");
+    let rest = tokio::time::timeout(WAIT, live.collect())
+        .await
+        .expect("the live answer ends")
+        .unwrap()
+        .to_bytes();
+    let events = data_events(&[first.as_ref(), rest.as_ref()].concat());
+    let types: Vec<_> = events.iter().map(|e| e["type"].clone()).collect();
+    assert_eq!(types, ["token", "token", "done"], "{events:?}");
+
+    // A certificate file that does not parse: the renewed certificate stays.
+    std::fs::write(old.dir.join("cert.pem"), "not a certificate\n").unwrap();
+    let err = server
+        .service
+        .reload()
+        .expect_err("garbage is not a certificate");
+    assert!(err.to_string().contains("cert.pem"), "{err}");
+    let kept = connect(server.addr, &new, &[b"http/1.1"]).await;
+    let raw = http1(
+        kept,
+        "GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with(b"HTTP/1.1 200"));
+    drop(send);
+    driver.abort();
 }

@@ -4,6 +4,7 @@
 // Each test binary uses some of these helpers, and `pub` here means "for the test files".
 #![allow(dead_code, unreachable_pub)]
 
+pub mod process;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod script;

@@ -64,3 +64,38 @@ impl Generator for ScriptGen {
         })
     }
 }
+
+/// A generator whose every answer is the token `one`, then, once the gate is open, `two`:
+/// a test holds answers mid-stream for exactly as long as it needs, then lets them finish.
+pub struct GateGen(pub tokio_util::sync::CancellationToken);
+
+impl Generator for GateGen {
+    fn generate(&self, _prompt: Prompt) -> TokenStream {
+        Box::pin(Gated {
+            sent: 0,
+            gate: Box::pin(self.0.clone().cancelled_owned()),
+        })
+    }
+}
+
+struct Gated {
+    sent: u8,
+    gate: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl futures_core::Stream for Gated {
+    type Item = Result<Chunk, PipelineError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let token = match self.sent {
+            0 => "one",
+            1 => {
+                ready!(self.gate.as_mut().poll(cx));
+                "two"
+            }
+            _ => return Poll::Ready(None),
+        };
+        self.sent += 1;
+        Poll::Ready(Some(Ok(Chunk::Token(Token::new(token)))))
+    }
+}
