@@ -32,10 +32,10 @@ export function startServer(binary, flags) {
     child.stderr.setEncoding('utf8');
     child.stderr.on('data', (data) => {
       log += data;
-      const m = /listening .*addr=(\S+)/.exec(log);
+      const m = /listening \((TLS)?.*addr=(\S+)/.exec(log);
       if (m) {
         resolve({
-          url: `http://${m[1]}`,
+          url: `${m[1] ? 'https' : 'http'}://${m[2]}`,
           log: () => log,
           exitCode: () => child.exitCode ?? child.signalCode,
           async stop() {
@@ -51,14 +51,15 @@ export function startServer(binary, flags) {
   });
 }
 
-/** Headless Chromium with nothing running in the background. */
-export function launchBrowser() {
+/** Headless Chromium with nothing running in the background, plus `extraArgs`. */
+export function launchBrowser(extraArgs = []) {
   return chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
     args: [
       '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
       '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic',
+      ...extraArgs,
     ],
   });
 }
