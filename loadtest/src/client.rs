@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use askstream::sse::decode::Decoder;
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use crate::h2;
 use crate::http1::{self, ChunkedDecoder, Framing, Head, HttpError};
@@ -41,7 +43,33 @@ pub(crate) struct Target {
     pub(crate) keep_alive: bool,
     /// Asks as HTTP/2 streams over these shared connections (`--h2c`), instead of HTTP/1.1.
     pub(crate) h2: Option<std::rc::Rc<h2::Pool>>,
+    /// HTTP/1.1 over TLS (`--tls`): each new connection's handshake is made with this.
+    pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
+
+/// A connection: plain TCP, or TLS over it.
+#[derive(Debug)]
+enum Conn {
+    Plain(TcpStream),
+    /// Boxed: rustls's state is large, and most runs have none.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(bytes).await,
+            Conn::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+}
+
+/// The plaintext of one TLS connection's reads: rustls decrypts into it while the read
+/// awaits, so it cannot be the buffer all clients share. Only TLS clients have one.
+const TLS_READ: usize = 16 * 1024;
 
 /// Receives the measurements of one ask as they happen.
 pub(crate) trait Observer {
@@ -187,7 +215,9 @@ impl Response {
 /// One connection and everything reused from ask to ask.
 #[derive(Debug)]
 pub(crate) struct Client {
-    conn: Option<TcpStream>,
+    conn: Option<Conn>,
+    /// The plaintext buffer of a TLS connection (empty until the first TLS read).
+    tls_buf: Vec<u8>,
     /// Only a response head split across reads is copied here.
     head_buf: Vec<u8>,
     chunked: ChunkedDecoder,
@@ -232,6 +262,7 @@ impl Client {
     pub(crate) fn new() -> Self {
         Client {
             conn: None,
+            tls_buf: Vec::new(),
             head_buf: Vec::new(),
             chunked: ChunkedDecoder::new(),
             sse: Decoder::new(),
@@ -295,6 +326,16 @@ impl Client {
             // Without it a small request can wait for a delayed ACK: ~40 ms of fake latency.
             conn.set_nodelay(true)
                 .map_err(|e| (Failure::Connect(e.kind()), false))?;
+            let conn = match &target.tls {
+                None => Conn::Plain(conn),
+                Some(tls) => Conn::Tls(Box::new(
+                    TlsConnector::from(tls.clone())
+                        .connect(crate::tls::server_name(), conn)
+                        .await
+                        .map_err(|e| (Failure::Connect(e.kind()), false))?,
+                )),
+            };
+            // With TLS, the handshake is part of connecting.
             observer.connected(started.elapsed());
             self.conn = Some(conn);
         }
@@ -388,7 +429,20 @@ impl Client {
         observer: &impl Observer,
     ) -> Result<Finished, Failure> {
         loop {
-            let conn = self.conn.as_ref().expect("connected");
+            let conn = match self.conn.as_mut().expect("connected") {
+                Conn::Plain(conn) => conn,
+                Conn::Tls(tls) => {
+                    let mut buf = std::mem::take(&mut self.tls_buf);
+                    buf.resize(TLS_READ, 0);
+                    let read = tls.read(&mut buf).await;
+                    let outcome = self.tls_read(response, &buf, read, observer);
+                    self.tls_buf = buf;
+                    match outcome {
+                        Some(end) => return end,
+                        None => continue,
+                    }
+                }
+            };
             conn.readable().await.map_err(|e| Failure::Io(e.kind()))?;
             // No await from here to the end of the iteration: the shared buffer is ours.
             let mut buf = read_buf.borrow_mut();
@@ -415,6 +469,37 @@ impl Client {
                 return response.ended.take().unwrap_or(Err(Failure::Truncated));
             }
         }
+    }
+
+    /// One TLS read's outcome, as [`Client::read_response`] handles a plain one: `Some`
+    /// when the answer has ended.
+    fn tls_read(
+        &mut self,
+        response: &mut Response,
+        buf: &[u8],
+        read: io::Result<usize>,
+        observer: &impl Observer,
+    ) -> Option<Result<Finished, Failure>> {
+        let n =
+            match read {
+                Ok(0) => {
+                    return Some(response.ended.take().unwrap_or_else(|| {
+                        Err(self.at_eof(response).unwrap_or(Failure::Truncated))
+                    }));
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    return Some(response.ended.take().unwrap_or_else(|| {
+                        Err(self.at_eof(response).unwrap_or(Failure::Io(e.kind())))
+                    }));
+                }
+            };
+        response.any_byte = true;
+        if let Err(f) = self.process(response, &buf[..n], Instant::now(), observer) {
+            return Some(Err(f));
+        }
+        (response.body_done || (response.ended.is_some() && !response.must_read_body_end()))
+            .then(|| response.ended.take().unwrap_or(Err(Failure::Truncated)))
     }
 
     /// The failure a non-200 response amounts to once its body is over.

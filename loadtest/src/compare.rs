@@ -26,6 +26,8 @@ pub struct Config {
     pub kind: ServerKind,
     /// Flags after the standard ones (`--server-arg`, `--vs-arg`).
     pub server_args: Vec<String>,
+    /// Spoken to over TLS (`--tls`, `--vs-tls`).
+    pub tls: bool,
 }
 
 /// The servers the tool knows how to start.
@@ -39,6 +41,19 @@ pub enum ServerKind {
 }
 
 impl Config {
+    /// Gives its servers `cert` and `key`, unless its flags name a certificate already.
+    pub fn give_certificate(&mut self, cert: &std::path::Path, key: &std::path::Path) {
+        let named = self.server_args.iter().any(|a| a.starts_with("--tls-cert"));
+        if !named {
+            self.server_args.extend([
+                "--tls-cert".into(),
+                cert.display().to_string(),
+                "--tls-key".into(),
+                key.display().to_string(),
+            ]);
+        }
+    }
+
     /// The command line as reports show it, e.g. `askstream --sim-tokens 32` (the standard
     /// flags left out), or `the --target server`.
     pub fn describe(&self) -> String {
@@ -115,15 +130,17 @@ enum Figure {
     TtftP50,
     TtftP99,
     CpuPerToken,
+    CpuPerAnswer,
     TokensPerSec,
     RssPerAnswer,
     Errors,
 }
 
-const FIGURES: [Figure; 6] = [
+const FIGURES: [Figure; 7] = [
     Figure::TtftP50,
     Figure::TtftP99,
     Figure::CpuPerToken,
+    Figure::CpuPerAnswer,
     Figure::TokensPerSec,
     Figure::RssPerAnswer,
     Figure::Errors,
@@ -135,6 +152,7 @@ impl Figure {
             Figure::TtftP50 => "TTFT p50",
             Figure::TtftP99 => "TTFT p99",
             Figure::CpuPerToken => "server µs CPU/token",
+            Figure::CpuPerAnswer => "server µs CPU/answer",
             Figure::TokensPerSec => "token events/s",
             Figure::RssPerAnswer => "RSS per open answer",
             Figure::Errors => "errors",
@@ -147,6 +165,7 @@ impl Figure {
             Figure::TtftP50 => "ttft_p50_ms",
             Figure::TtftP99 => "ttft_p99_ms",
             Figure::CpuPerToken => "server_cpu_us_per_token_event",
+            Figure::CpuPerAnswer => "server_cpu_us_per_answer",
             Figure::TokensPerSec => "token_events_per_s",
             Figure::RssPerAnswer => "rss_per_open_answer_bytes",
             Figure::Errors => "errors",
@@ -156,7 +175,7 @@ impl Figure {
     fn unit(self) -> Unit {
         match self {
             Figure::TtftP50 | Figure::TtftP99 => Unit::Nanos,
-            Figure::CpuPerToken => Unit::Micros,
+            Figure::CpuPerToken | Figure::CpuPerAnswer => Unit::Micros,
             Figure::TokensPerSec => Unit::PerSec,
             Figure::RssPerAnswer => Unit::Bytes,
             Figure::Errors => Unit::Count,
@@ -171,6 +190,7 @@ impl Figure {
             Figure::TtftP50 => r.ttft.quantile(0.5).map(|ns| ns as f64),
             Figure::TtftP99 => r.ttft.quantile(0.99).map(|ns| ns as f64),
             Figure::CpuPerToken => d.server_us_per_token,
+            Figure::CpuPerAnswer => d.server_us_per_answer,
             Figure::TokensPerSec => Some(d.tokens_per_sec),
             Figure::RssPerAnswer => d.rss_per_answer,
             Figure::Errors => Some(r.error_count() as f64),
@@ -488,6 +508,8 @@ mod tests {
             users: 1,
             keep_alive: false,
             h2c: None,
+            tls: false,
+            tls_resume: false,
             stream_timeout: Duration::from_secs(1),
             max_streams_total: 1,
             expect_tokens: None,
@@ -540,6 +562,7 @@ mod tests {
                 binary: Some("askstream".into()),
                 kind: ServerKind::Askstream,
                 server_args: vec![],
+                tls: false,
             })
             .to_vec()
     }
@@ -607,6 +630,7 @@ mod tests {
             binary: Some("target/release/askstream".into()),
             kind: ServerKind::Askstream,
             server_args: vec!["--sim-tokens".into(), "32".into()],
+            tls: false,
         };
         assert_eq!(c.describe(), "target/release/askstream --sim-tokens 32");
         let f = Config {
@@ -632,6 +656,7 @@ mod tests {
                 binary: Some("floor".into()),
                 kind: ServerKind::Floor,
                 server_args: vec![],
+                tls: false,
             },
         );
         let runs = [

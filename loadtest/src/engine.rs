@@ -90,6 +90,10 @@ pub struct Settings {
     /// Speak HTTP/2 with prior knowledge, every ask a stream on one of this many shared
     /// connections; `None` for HTTP/1.1.
     pub h2c: Option<u32>,
+    /// HTTP/1.1 over TLS; each new connection is a handshake, counted in its TTFT.
+    pub tls: bool,
+    /// With `tls`, resume sessions (abbreviated handshakes) instead of full ones.
+    pub tls_resume: bool,
     /// An ask running longer is cut and counted as a `timeout` error.
     pub stream_timeout: Duration,
     /// Hard cap on asks started in the whole run.
@@ -405,6 +409,9 @@ async fn run_local(settings: Settings) -> Result<Results, EngineError> {
         body,
         keep_alive: settings.keep_alive,
         h2: settings.h2c.map(|n| std::rc::Rc::new(h2::Pool::new(n))),
+        tls: settings
+            .tls
+            .then(|| crate::tls::client_config(settings.tls_resume)),
     };
     let server = settings.server_pid.map(Pid::Other);
     let idle_rss = server.and_then(procfs::memory).map(|m| m.rss);
@@ -834,6 +841,8 @@ mod tests {
             users: 1,
             keep_alive: false,
             h2c: None,
+            tls: false,
+            tls_resume: false,
             stream_timeout: Duration::from_secs(1),
             max_streams_total: 1,
             expect_tokens: None,

@@ -18,6 +18,8 @@
 //!   coding;
 //! - `h2` (internal): asks as HTTP/2 streams (h2c) over a few shared connections, with
 //!   hyper's client;
+//! - [`tls`]: HTTP/1.1 over TLS (`--tls`): the client's connector and the spawned
+//!   servers' certificate;
 //! - [`histogram`]: bounded-memory, log-linear latency histograms (what
 //!   [`engine::Results`] holds its latencies in);
 //! - `procfs` (internal): CPU time, resident memory and the open-file limit, from `/proc`;
@@ -39,4 +41,5 @@ mod procfs;
 pub mod report;
 pub mod spawn;
 pub mod svg;
+pub mod tls;
 pub mod workload;

@@ -157,6 +157,22 @@ struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     h2c: Option<u32>,
 
+    /// Speak HTTP/1.1 over TLS to configuration A (or the --target): with --spawn, its
+    /// servers get a certificate the tool makes (--tls-cert/--tls-key). A new connection's
+    /// handshake counts in its ask's TTFT.
+    #[arg(long, conflicts_with = "h2c")]
+    tls: bool,
+
+    /// With --spawn: run configuration B over TLS (as --tls does for A); alone, B is A's
+    /// binary and flags, so A against B is what TLS costs.
+    #[arg(long, conflicts_with = "h2c")]
+    vs_tls: bool,
+
+    /// Over TLS, resume sessions (abbreviated handshakes, as a returning browser does)
+    /// instead of a full handshake on every new connection.
+    #[arg(long)]
+    tls_resume: bool,
+
     /// An ask running longer is cut and counted as a `timeout` error.
     #[arg(long, value_parser = parse_span, default_value = "60s")]
     stream_timeout: Duration,
@@ -235,6 +251,10 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<bool, String> {
     let rounds = check_configs(args)?;
     let workloads = plan(args)?;
+    let tls_target = args
+        .target
+        .as_deref()
+        .is_some_and(|t| t.starts_with("https://"));
     let target = match (&args.target, args.spawn) {
         (_, true) => None,
         (Some(t), false) => Some(resolve_loopback(t)?),
@@ -245,7 +265,10 @@ fn run(args: &Args) -> Result<bool, String> {
         (true, Some(path)) => Some(path.clone()),
         (true, None) => Some(spawn::locate_server()?),
     };
-    let configs = configs(args, server_bin.as_deref());
+    let mut configs = configs(args, server_bin.as_deref());
+    if tls_target {
+        configs[0].tls = true;
+    }
     // Several runs per workload: each labelled, and each workload compared over them.
     let several = configs.len() > 1 || rounds > 1;
 
@@ -281,6 +304,12 @@ fn run(args: &Args) -> Result<bool, String> {
         std::fs::create_dir_all(&args.out_dir)
             .map_err(|e| format!("cannot create {}: {e}", args.out_dir.display()))?;
     }
+    if args.spawn && configs.iter().any(|c| c.tls) {
+        let (cert, key) = loadtest::tls::self_signed(&args.out_dir)?;
+        for c in configs.iter_mut().filter(|c| c.tls) {
+            c.give_certificate(&cert, &key);
+        }
+    }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -308,13 +337,21 @@ fn run(args: &Args) -> Result<bool, String> {
                     cpu: server_cpu,
                     log: args.out_dir.join(log),
                     server_args: config.server_args.clone(),
+                    tls: config.tls,
                 })?),
                 None => None,
             };
             let addr = server
                 .as_ref()
                 .map_or_else(|| target.expect("target or spawn"), |s| s.addr);
-            let settings = settings(args, w, sim, addr, server.as_ref().map(|s| s.pid));
+            let settings = settings(
+                args,
+                w,
+                sim,
+                addr,
+                server.as_ref().map(|s| s.pid),
+                config.tls,
+            );
             let mut description = describe(args, sim, &settings);
             if several || !config.server_args.is_empty() {
                 description.push_str(&format!("; server: {}", config.describe()));
@@ -389,7 +426,17 @@ fn run(args: &Args) -> Result<bool, String> {
 /// Checks the configuration flags (`--server-arg`, `--vs-*`, `--name`s, `--rounds`) and
 /// returns the rounds per configuration.
 fn check_configs(args: &Args) -> Result<u32, String> {
-    let vs = !args.vs_arg.is_empty() || args.vs_bin.is_some();
+    let vs = !args.vs_arg.is_empty() || args.vs_bin.is_some() || args.vs_tls;
+    if args.tls_resume
+        && !(args.tls
+            || args.vs_tls
+            || args
+                .target
+                .as_deref()
+                .is_some_and(|t| t.starts_with("https://")))
+    {
+        return Err("--tls-resume is for TLS runs: add --tls or --vs-tls".into());
+    }
     if args.floor_bin.is_some() && args.h2c.is_some() {
         return Err("the floor speaks HTTP/1.1 only: drop --floor-bin or --h2c".into());
     }
@@ -455,6 +502,7 @@ fn configs(args: &Args, server_bin: Option<&Path>) -> Vec<Config> {
             binary: Some(floor.clone()),
             kind: ServerKind::Floor,
             server_args: Vec::new(),
+            tls: false,
         });
     }
     configs.push(Config {
@@ -462,8 +510,9 @@ fn configs(args: &Args, server_bin: Option<&Path>) -> Vec<Config> {
         binary: server_bin.map(Path::to_path_buf),
         kind: ServerKind::Askstream,
         server_args: args.server_arg.clone(),
+        tls: args.tls,
     });
-    if !args.vs_arg.is_empty() || args.vs_bin.is_some() {
+    if !args.vs_arg.is_empty() || args.vs_bin.is_some() || args.vs_tls {
         configs.push(Config {
             name: b.into(),
             binary: args
@@ -472,6 +521,7 @@ fn configs(args: &Args, server_bin: Option<&Path>) -> Vec<Config> {
                 .or_else(|| server_bin.map(Path::to_path_buf)),
             kind: ServerKind::Askstream,
             server_args: args.vs_arg.clone(),
+            tls: args.vs_tls,
         });
     }
     configs
@@ -551,6 +601,7 @@ fn settings(
     sim: Sim,
     addr: SocketAddr,
     server_pid: Option<u32>,
+    tls: bool,
 ) -> Settings {
     let load = match args.rate {
         Some(rate) => Load::Open {
@@ -573,6 +624,8 @@ fn settings(
         users: args.users,
         keep_alive: args.keep_alive,
         h2c: args.h2c,
+        tls,
+        tls_resume: args.tls_resume,
         stream_timeout: args.stream_timeout,
         max_streams_total: args.max_streams_total,
         expect_tokens: args
@@ -600,6 +653,11 @@ fn describe(args: &Args, sim: Sim, s: &Settings) -> String {
         (Some(n), _) => format!("h2c over {n} connections"),
         (None, true) => "keep-alive".to_string(),
         (None, false) => "new connection per answer".to_string(),
+    };
+    let conn = match (s.tls, s.tls_resume) {
+        (false, _) => conn,
+        (true, false) => format!("{conn}, TLS (full handshakes)"),
+        (true, true) => format!("{conn}, TLS (sessions resumed)"),
     };
     format!(
         "{sim}; {load}, {conn}, {} users; {} after {} warm-up",
@@ -646,13 +704,11 @@ fn pin(args: &Args, cpus: usize, notes: &mut Vec<String>) -> Option<usize> {
 fn resolve_loopback(target: &str) -> Result<SocketAddr, String> {
     let hostport = target
         .strip_prefix("http://")
+        .or_else(|| target.strip_prefix("https://"))
         .unwrap_or(target)
         .split('/')
         .next()
         .unwrap_or_default();
-    if target.starts_with("https://") {
-        return Err("https is not supported: the load tool speaks cleartext HTTP/1.1".into());
-    }
     let addrs: Vec<SocketAddr> = hostport
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve `{target}` (want HOST:PORT): {e}"))?
@@ -693,8 +749,8 @@ mod tests {
     fn non_loopback_targets_are_refused() {
         let err = resolve_loopback("10.1.2.3:80").unwrap_err();
         assert!(err.contains("not loopback"), "{err}");
-        let err = resolve_loopback("https://127.0.0.1:1").unwrap_err();
-        assert!(err.contains("https"), "{err}");
+        let err = resolve_loopback("https://10.1.2.3:443").unwrap_err();
+        assert!(err.contains("not loopback"), "{err}");
     }
 
     #[test]

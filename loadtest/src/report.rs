@@ -56,6 +56,9 @@ pub(crate) struct Derived {
     pub(crate) server_cpu_share: Option<f64>,
     /// Server CPU time per token event, in microseconds.
     pub(crate) server_us_per_token: Option<f64>,
+    /// Server CPU time per completed answer, in microseconds: with a new connection per
+    /// answer it includes the connection's setup (a TLS handshake).
+    pub(crate) server_us_per_answer: Option<f64>,
     /// Tool CPU as a share of one core.
     pub(crate) tool_cpu_share: Option<f64>,
     /// Server memory growth under load per open answer, in bytes.
@@ -77,6 +80,11 @@ impl Derived {
                 .cpu
                 .filter(|_| r.token_events > 0)
                 .map(|c| c.as_secs_f64() * 1e6 / r.token_events as f64),
+            server_us_per_answer: r
+                .server
+                .cpu
+                .filter(|_| r.completed > 0)
+                .map(|c| c.as_secs_f64() * 1e6 / r.completed as f64),
             tool_cpu_share: r.tool_cpu.map(share),
             rss_per_answer: peak
                 .zip(r.server.idle_rss)
@@ -185,6 +193,9 @@ pub fn table(run: &Run) -> String {
         );
         if let Some(us) = d.server_us_per_token {
             let _ = write!(server, " = {us:.2} µs per token event");
+        }
+        if let Some(us) = d.server_us_per_answer {
+            let _ = write!(server, ", {us:.1} µs per answer");
         }
     }
     if let Some(peak) = r.server.peak_rss {
@@ -322,6 +333,7 @@ pub fn json(
                     "cpu_s": r.server.cpu.map(|c| c.as_secs_f64()),
                     "cpu_share_of_core": d.server_cpu_share,
                     "cpu_us_per_token_event": d.server_us_per_token,
+                    "cpu_us_per_answer": d.server_us_per_answer,
                     "idle_rss_bytes": r.server.idle_rss,
                     "peak_rss_bytes": r.server.peak_rss,
                     "sampled_peak_rss_bytes": r.server.sampled_peak_rss,

@@ -50,6 +50,8 @@ pub struct Launch {
     /// they name is left out rather than repeated (askstream's flag parser refuses a flag
     /// given twice), so these override it.
     pub server_args: Vec<String>,
+    /// It speaks TLS: readiness is a connection accepted, not `/healthz` in cleartext.
+    pub tls: bool,
 }
 
 /// Finds the askstream binary next to this executable (where cargo builds both: the
@@ -141,7 +143,11 @@ impl Server {
         match floor_addr {
             None => {
                 server.addr = server.wait_listening()?;
-                server.wait_healthy()?;
+                if launch.tls {
+                    server.wait_accepting()?;
+                } else {
+                    server.wait_healthy()?;
+                }
             }
             Some(addr) => {
                 server.addr = addr;
@@ -443,6 +449,7 @@ mod tests {
             cpu: None,
             log: "server.log".into(),
             server_args: strings(server_args),
+            tls: false,
         };
         let plain = command_line(&launch(&[]));
         assert_eq!(

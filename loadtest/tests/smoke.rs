@@ -17,7 +17,19 @@ async fn start_server() -> (
     oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
+    start_server_with(None).await
+}
+
+/// [`start_server`], speaking TLS with `tls` when given.
+async fn start_server_with(
+    tls: Option<askstream::TlsFiles>,
+) -> (
+    std::net::SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let config = ServiceConfig {
+        tls,
         generator: GeneratorConfig::Sim(SimConfig {
             ttft: Duration::ZERO,
             token_interval: Duration::from_millis(2),
@@ -53,6 +65,8 @@ fn settings(addr: std::net::SocketAddr, load: Load, keep_alive: bool) -> Setting
         users: 3,
         keep_alive,
         h2c: None,
+        tls: false,
+        tls_resume: false,
         stream_timeout: Duration::from_secs(20),
         max_streams_total: 100_000,
         expect_tokens: Some(u64::from(TOKENS)),
@@ -172,4 +186,27 @@ async fn closed_loop_over_h2c_multiplexes_on_shared_connections() {
     assert!(r.peak_in_flight <= 6);
     let _ = stop.send(());
     task.await.unwrap();
+}
+
+/// HTTP/1.1 over TLS, new connection per answer (full handshakes, then resumed ones) and
+/// keep-alive, against a server that speaks TLS only (so a clean run is a TLS run), with
+/// the certificate the tool makes for spawned servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_over_tls_with_and_without_keep_alive() {
+    let dir = std::env::temp_dir().join(format!("loadtest-smoke-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = loadtest::tls::self_signed(&dir).expect("a certificate");
+    let (addr, stop, task) = start_server_with(Some(askstream::TlsFiles { cert, key })).await;
+    for (keep_alive, resume) in [(false, false), (false, true), (true, false)] {
+        let mut s = settings(addr, Load::Closed { concurrency: 4 }, keep_alive);
+        s.tls = true;
+        s.tls_resume = resume;
+        let r = engine::run(s).await.expect("runs");
+        assert_clean(&r);
+        // Keep-alive connects during the warm-up only, outside the measured window.
+        assert!(keep_alive || r.connect.count() > 0);
+    }
+    let _ = stop.send(());
+    task.await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
