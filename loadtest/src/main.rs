@@ -34,7 +34,7 @@ use loadtest::{spawn, svg};
 #[command(
     name = "loadtest",
     version,
-    about = "Measures TTFT and throughput of an askstream-compatible SSE server (HTTP/1.1, loopback only).",
+    about = "Measures TTFT and throughput of an askstream-compatible SSE server (HTTP/1.1, h2c or TLS; loopback only).",
     after_help = "Examples:\n  \
         loadtest --spawn --workload all            reproduce the README's table (contract §6.1)\n  \
         loadtest --spawn --workload D --duration 5s\n  \
