@@ -129,64 +129,115 @@ pub struct Usage {
 /// The frame is built once, when the token is made, so sending it is a reference-count
 /// bump. Generators that know many tokens up front encode their frames into one buffer
 /// with [`Token::batch`] (the sim does, once per passage, and keeps them).
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Most texts need no JSON escaping, and then the frame holds the text as it is: the
+/// token is the frame alone, and cloning one is a single reference-count bump.
+#[derive(Clone, Debug)]
 pub struct Token {
-    text: Bytes,
     frame: Bytes,
+    /// The text, when escaping it made the frame's copy differ; `None` when the text is
+    /// the frame between [`TOKEN_PREFIX`] and [`TOKEN_SUFFIX`].
+    escaped: Option<Bytes>,
+}
+
+/// What a `token` frame holds before its text.
+const TOKEN_PREFIX: &[u8] = br#"data: {"type":"token","token":""#;
+/// What a `token` frame holds after its text.
+const TOKEN_SUFFIX: &[u8] = b"\"}\n\n";
+
+/// The text of `frame` when it is the frame's text unescaped.
+fn unescaped(frame: &[u8], text: &str) -> bool {
+    frame
+        .len()
+        .checked_sub(TOKEN_SUFFIX.len())
+        .and_then(|end| frame.get(TOKEN_PREFIX.len()..end))
+        == Some(text.as_bytes())
 }
 
 impl Token {
     /// A token for `text`, with its `token` event encoded now.
     pub fn new(text: &str) -> Self {
-        Token {
-            text: Bytes::copy_from_slice(text.as_bytes()),
-            frame: wire::token(text),
-        }
+        let frame = wire::token(text);
+        let escaped = (!unescaped(&frame, text)).then(|| Bytes::copy_from_slice(text.as_bytes()));
+        Token { frame, escaped }
     }
 
-    /// Tokens for every piece of `texts`, all texts in one allocation and all frames in
-    /// another; each token then shares those buffers.
+    /// Tokens for every piece of `texts`, all frames in one allocation (and the few texts
+    /// that escaping changed in another); each token then shares those buffers.
     pub fn batch<'a>(texts: impl IntoIterator<Item = &'a str> + Clone) -> Vec<Token> {
-        // Size the buffers up front: a frame is its text plus 35 bytes of envelope when
+        // Size the buffer up front: a frame is its text plus 35 bytes of envelope when
         // nothing needs escaping, so one pass over the lengths avoids regrowing (and
-        // copying) the buffers as the answer is encoded.
-        let (count, text_len) = texts
-            .clone()
-            .into_iter()
-            .fold((0, 0), |(n, len), t| (n + 1, len + t.len()));
-        let mut text_buf = BytesMut::with_capacity(text_len);
+        // copying) the buffer as the answer is encoded.
+        let (count, text_len, escaped_len) =
+            texts
+                .clone()
+                .into_iter()
+                .fold((0, 0, 0), |(n, len, esc), t| {
+                    let escapes = t.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\');
+                    (
+                        n + 1,
+                        len + t.len(),
+                        esc + if escapes { t.len() } else { 0 },
+                    )
+                });
         let mut frame_buf = BytesMut::with_capacity(text_len + count * 36);
+        let mut escaped_buf = BytesMut::with_capacity(escaped_len);
         let mut ends = Vec::with_capacity(count);
         for t in texts.clone() {
-            text_buf.extend_from_slice(t.as_bytes());
+            let start = frame_buf.len();
             wire::token_into(&mut frame_buf, t);
-            ends.push((text_buf.len(), frame_buf.len()));
-        }
-        let text_all = text_buf.freeze();
-        let frame_all = frame_buf.freeze();
-        let mut out = Vec::with_capacity(ends.len());
-        let (mut t0, mut f0) = (0, 0);
-        for (t1, f1) in ends {
-            out.push(Token {
-                text: text_all.slice(t0..t1),
-                frame: frame_all.slice(f0..f1),
+            let escaped = (!unescaped(&frame_buf[start..], t)).then(|| {
+                escaped_buf.extend_from_slice(t.as_bytes());
+                escaped_buf.len()
             });
-            (t0, f0) = (t1, f1);
+            ends.push((frame_buf.len(), escaped));
+        }
+        let frame_all = frame_buf.freeze();
+        let escaped_all = escaped_buf.freeze();
+        let mut out = Vec::with_capacity(ends.len());
+        let (mut f0, mut t0) = (0, 0);
+        for (f1, escaped) in ends {
+            out.push(Token {
+                frame: frame_all.slice(f0..f1),
+                escaped: escaped.map(|t1| {
+                    let text = escaped_all.slice(t0..t1);
+                    t0 = t1;
+                    text
+                }),
+            });
+            f0 = f1;
         }
         out
     }
 
     /// The token's text.
     pub fn text(&self) -> &str {
+        let bytes = match &self.escaped {
+            Some(text) => &text[..],
+            None => &self.frame[TOKEN_PREFIX.len()..self.frame.len() - TOKEN_SUFFIX.len()],
+        };
         // Built only from `&str` (see the constructors), so this is always valid UTF-8.
-        std::str::from_utf8(&self.text).unwrap_or_default()
+        std::str::from_utf8(bytes).unwrap_or_default()
     }
 
     /// The encoded `data: {"type":"token",…}\n\n` frame.
     pub fn frame(&self) -> &Bytes {
         &self.frame
     }
+
+    /// The encoded frame, taking it from the token: for a sink that sends it on.
+    pub fn into_frame(self) -> Bytes {
+        self.frame
+    }
 }
+
+impl PartialEq for Token {
+    fn eq(&self, other: &Token) -> bool {
+        self.frame == other.frame
+    }
+}
+
+impl Eq for Token {}
 
 /// Why the pipeline failed; decides the error code the client sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,12 +299,31 @@ mod tests {
 
     #[test]
     fn batch_matches_single_tokens() {
-        let words = ["The", " north", " wind", " \"quoted\"", " é"];
+        let words = [
+            "The",
+            " north",
+            "",
+            " \"quoted\"",
+            " é",
+            "a\\b",
+            " wind",
+            "line\n",
+            "\u{1}",
+            " 日本語",
+        ];
         let batch = Token::batch(words.iter().copied());
         assert_eq!(batch.len(), words.len());
         for (t, w) in batch.iter().zip(words) {
-            assert_eq!(t, &Token::new(w));
+            let single = Token::new(w);
+            assert_eq!(t, &single);
             assert_eq!(t.text(), w);
+            assert_eq!(single.text(), w);
+            assert_eq!(t.frame(), &wire::token(w));
+            // Only a text that escaping changed is kept apart from its frame.
+            let changed = w.contains(['"', '\\', '\n', '\u{1}']);
+            assert_eq!(t.escaped.is_some(), changed, "{w:?}");
+            assert_eq!(single.escaped.is_some(), changed, "{w:?}");
+            assert_eq!(t.clone().into_frame(), wire::token(w));
         }
     }
 }
