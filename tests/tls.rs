@@ -384,3 +384,35 @@ async fn a_reload_gives_new_connections_the_new_certificate_and_spares_live_ones
     drop(send);
     driver.abort();
 }
+
+/// SIGHUP to the binary renews its certificate for new handshakes, and logs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_renews_the_certificate_of_the_binary() {
+    use support::process::{self, send_signal, wait_for_line};
+    let old = Cert::new("sighup-old");
+    let new = Cert::new("sighup-new");
+    let files = old.files();
+    let (cert, key) = (
+        files.cert.display().to_string(),
+        files.key.display().to_string(),
+    );
+    let (child, lines, mut log, addr) = process::spawn(process::command(
+        &["--tls-cert", &cert, "--tls-key", &key],
+        &[],
+    ));
+    drop(connect(addr, &old, &[b"http/1.1"]).await);
+
+    new.install_over(&old);
+    send_signal(&child, "-HUP");
+    wait_for_line(&lines, &mut log, "TLS certificate reloaded", WAIT);
+    assert!(try_connect(addr, &old, &[b"http/1.1"]).await.is_err());
+    let fresh = connect(addr, &new, &[b"http/1.1"]).await;
+    assert_eq!(fresh.get_ref().1.peer_certificates().unwrap()[0], new.der);
+    let raw = http1(
+        fresh,
+        "GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with(b"HTTP/1.1 200"));
+    drop(child);
+}
