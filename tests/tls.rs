@@ -119,6 +119,20 @@ async fn http1(mut stream: TlsStream<TcpStream>, request: &str) -> Vec<u8> {
     out
 }
 
+/// `GET /healthz` over `stream` answers 200: the server serves on that connection.
+async fn assert_healthy(stream: TlsStream<TcpStream>) {
+    let raw = http1(
+        stream,
+        "GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+}
+
 fn post(path: &str, body: &str, user: &str) -> String {
     format!(
         "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\nauthorization: Bearer {user}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -258,13 +272,7 @@ async fn a_stalled_handshake_is_dropped_at_the_head_deadline() {
         .expect("the server closes the connection");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     // The server still serves.
-    let stream = connect(server.addr, &cert, &[b"http/1.1"]).await;
-    let raw = http1(
-        stream,
-        "GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    assert!(raw.starts_with(b"HTTP/1.1 200"));
+    assert_healthy(connect(server.addr, &cert, &[b"http/1.1"]).await).await;
 }
 
 #[test]
@@ -374,13 +382,7 @@ async fn a_reload_gives_new_connections_the_new_certificate_and_spares_live_ones
         .reload()
         .expect_err("garbage is not a certificate");
     assert!(err.to_string().contains("cert.pem"), "{err}");
-    let kept = connect(server.addr, &new, &[b"http/1.1"]).await;
-    let raw = http1(
-        kept,
-        "GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    assert!(raw.starts_with(b"HTTP/1.1 200"));
+    assert_healthy(connect(server.addr, &new, &[b"http/1.1"]).await).await;
     drop(send);
     driver.abort();
 }
@@ -408,11 +410,6 @@ async fn sighup_renews_the_certificate_of_the_binary() {
     assert!(try_connect(addr, &old, &[b"http/1.1"]).await.is_err());
     let fresh = connect(addr, &new, &[b"http/1.1"]).await;
     assert_eq!(fresh.get_ref().1.peer_certificates().unwrap()[0], new.der);
-    let raw = http1(
-        fresh,
-        "GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    assert!(raw.starts_with(b"HTTP/1.1 200"));
+    assert_healthy(fresh).await;
     drop(child);
 }

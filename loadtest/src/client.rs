@@ -435,7 +435,7 @@ impl Client {
                     let mut buf = std::mem::take(&mut self.tls_buf);
                     buf.resize(TLS_READ, 0);
                     let read = tls.read(&mut buf).await;
-                    let outcome = self.tls_read(response, &buf, read, observer);
+                    let outcome = self.after_read(response, read, &buf, observer);
                     self.tls_buf = buf;
                     match outcome {
                         Some(end) => return end,
@@ -446,56 +446,47 @@ impl Client {
             conn.readable().await.map_err(|e| Failure::Io(e.kind()))?;
             // No await from here to the end of the iteration: the shared buffer is ours.
             let mut buf = read_buf.borrow_mut();
-            let n = match conn.try_read(&mut buf) {
-                Ok(n) => n,
+            let read = match conn.try_read(&mut buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    return response.ended.take().unwrap_or_else(|| {
-                        Err(self.at_eof(response).unwrap_or(Failure::Io(e.kind())))
-                    });
-                }
+                read => read,
             };
-            if n == 0 {
-                return response
-                    .ended
-                    .take()
-                    .unwrap_or_else(|| Err(self.at_eof(response).unwrap_or(Failure::Truncated)));
-            }
-            response.any_byte = true;
-            let now = Instant::now();
-            self.process(response, &buf[..n], now, observer)?;
-            drop(buf);
-            if response.body_done || (response.ended.is_some() && !response.must_read_body_end()) {
-                return response.ended.take().unwrap_or(Err(Failure::Truncated));
+            if let Some(end) = self.after_read(response, read, &buf, observer) {
+                return end;
             }
         }
     }
 
-    /// One TLS read's outcome, as [`Client::read_response`] handles a plain one: `Some`
-    /// when the answer has ended.
-    fn tls_read(
+    /// What one read (into `buf`) means for the answer: `Some` when it has ended (EOF, a
+    /// failed read, a broken response, or its end parsed), `None` to read on.
+    fn after_read(
         &mut self,
         response: &mut Response,
-        buf: &[u8],
         read: io::Result<usize>,
+        buf: &[u8],
         observer: &impl Observer,
     ) -> Option<Result<Finished, Failure>> {
-        let n =
-            match read {
-                Ok(0) => {
-                    return Some(response.ended.take().unwrap_or_else(|| {
-                        Err(self.at_eof(response).unwrap_or(Failure::Truncated))
-                    }));
-                }
-                Ok(n) => n,
-                Err(e) => {
-                    return Some(response.ended.take().unwrap_or_else(|| {
-                        Err(self.at_eof(response).unwrap_or(Failure::Io(e.kind())))
-                    }));
-                }
-            };
+        let ended = match read {
+            Ok(0) => Failure::Truncated,
+            Ok(n) => return self.consume(response, &buf[..n], observer),
+            Err(e) => Failure::Io(e.kind()),
+        };
+        Some(
+            response
+                .ended
+                .take()
+                .unwrap_or_else(|| Err(self.at_eof(response).unwrap_or(ended))),
+        )
+    }
+
+    /// Feeds `bytes` to the answer; `Some` once it has ended.
+    fn consume(
+        &mut self,
+        response: &mut Response,
+        bytes: &[u8],
+        observer: &impl Observer,
+    ) -> Option<Result<Finished, Failure>> {
         response.any_byte = true;
-        if let Err(f) = self.process(response, &buf[..n], Instant::now(), observer) {
+        if let Err(f) = self.process(response, bytes, Instant::now(), observer) {
             return Some(Err(f));
         }
         (response.body_done || (response.ended.is_some() && !response.must_read_body_end()))

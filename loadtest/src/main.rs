@@ -251,10 +251,6 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<bool, String> {
     let rounds = check_configs(args)?;
     let workloads = plan(args)?;
-    let tls_target = args
-        .target
-        .as_deref()
-        .is_some_and(|t| t.starts_with("https://"));
     let target = match (&args.target, args.spawn) {
         (_, true) => None,
         (Some(t), false) => Some(resolve_loopback(t)?),
@@ -266,7 +262,7 @@ fn run(args: &Args) -> Result<bool, String> {
         (true, None) => Some(spawn::locate_server()?),
     };
     let mut configs = configs(args, server_bin.as_deref());
-    if tls_target {
+    if https_target(args) {
         configs[0].tls = true;
     }
     // Several runs per workload: each labelled, and each workload compared over them.
@@ -427,14 +423,7 @@ fn run(args: &Args) -> Result<bool, String> {
 /// returns the rounds per configuration.
 fn check_configs(args: &Args) -> Result<u32, String> {
     let vs = !args.vs_arg.is_empty() || args.vs_bin.is_some() || args.vs_tls;
-    if args.tls_resume
-        && !(args.tls
-            || args.vs_tls
-            || args
-                .target
-                .as_deref()
-                .is_some_and(|t| t.starts_with("https://")))
-    {
+    if args.tls_resume && !(args.tls || args.vs_tls || https_target(args)) {
         return Err("--tls-resume is for TLS runs: add --tls or --vs-tls".into());
     }
     if args.floor_bin.is_some() && args.h2c.is_some() {
@@ -480,6 +469,13 @@ fn check_configs(args: &Args) -> Result<u32, String> {
         None if vs || args.floor_bin.is_some() => Ok(3),
         None => Ok(1),
     }
+}
+
+/// The --target is named `https://…`: it is spoken to over TLS.
+fn https_target(args: &Args) -> bool {
+    args.target
+        .as_deref()
+        .is_some_and(|t| t.starts_with("https://"))
 }
 
 /// The names of configurations A and B.
