@@ -7,6 +7,9 @@
 //! - `first_frame`: `AskService::call` on a streaming ask (the sim with TTFT 0, as in the
 //!   standard workloads), then polling the body until its first token frame. In memory,
 //!   on a current-thread runtime; no socket.
+//! - `whole_answer`: the same, then every frame of an unpaced 256-token answer to its
+//!   end, as workload B runs it without the socket: the user-space cost per token of
+//!   the answer's loop, the channel and the body (the figure over 256 tokens).
 //! - `pieces`: BM25 retrieval of the query over the built-in corpus; the sim's answer up
 //!   to its first token (assembly and frame encoding); one quota charge and settle.
 //!
@@ -91,6 +94,49 @@ fn first_frame(c: &mut Criterion) {
     group.finish();
 }
 
+fn whole_answer(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let config = ServiceConfig {
+        generator: GeneratorConfig::Sim(SimConfig {
+            ttft: Duration::ZERO,
+            token_interval: Duration::ZERO,
+            tokens: 256,
+        }),
+        quota_limit: u32::MAX,
+        ..ServiceConfig::default()
+    };
+    let service = {
+        let _guard = rt.enter();
+        AskService::builder(config)
+            .build()
+            .expect("the service builds")
+    };
+    let mut group = c.benchmark_group("whole_answer");
+    group.bench_function("unpaced_256", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let res = service.call(request()).await.expect("infallible");
+                let mut body = res.into_body();
+                let mut bytes = 0;
+                while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                    bytes += frame
+                        .ok()
+                        .and_then(|f| f.into_data().ok())
+                        .map_or(0, |d| d.len());
+                }
+                while service.in_flight() > 0 {
+                    tokio::task::yield_now().await;
+                }
+                black_box(bytes)
+            })
+        });
+    });
+    group.finish();
+}
+
 fn pieces(c: &mut Criterion) {
     let index = Bm25Index::builtin();
     let passages: Arc<[_]> = index.search(QUERY, 4).into();
@@ -138,6 +184,7 @@ fn pieces(c: &mut Criterion) {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     first_frame(&mut c);
+    whole_answer(&mut c);
     pieces(&mut c);
     c.final_summary();
 }

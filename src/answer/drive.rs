@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until};
 
+use super::woken::Woken;
 use super::{Ask, Outcome, Pipeline};
 use crate::clock::later;
 use crate::error::{ApiError, ErrorCode};
@@ -36,9 +37,9 @@ pub(super) struct Stats {
 
 /// Where tokens go: the SSE channel or the JSON answer text.
 pub(super) trait Sink {
-    /// Hands a token on, waiting for room (but not past the server's stop); `Err` ends
-    /// the answer.
-    fn token(&mut self, token: Token, p: &Pipeline) -> impl Future<Output = Result<(), Outcome>>;
+    /// Hands a token on, waiting for room (but not past the server's stop); `Ok(true)`
+    /// if it had to wait, `Err` ends the answer.
+    fn token(&mut self, token: Token, p: &Pipeline) -> impl Future<Output = Result<bool, Outcome>>;
     /// Sends a heartbeat if it fits now (skipped while the buffer is full).
     fn heartbeat(&mut self);
     /// Whether heartbeats mean anything for this sink.
@@ -51,10 +52,10 @@ pub(super) struct StreamSink<'a> {
 }
 
 impl Sink for StreamSink<'_> {
-    async fn token(&mut self, token: Token, p: &Pipeline) -> Result<(), Outcome> {
+    async fn token(&mut self, token: Token, p: &Pipeline) -> Result<bool, Outcome> {
         // The frame moves into the channel: no reference-count traffic per token.
         match self.tx.try_send(token.into_frame()) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(false),
             Err(TrySendError::Disconnected) => Err(Outcome::Disconnected),
             // The client is behind: wait for room, but not forever, and not past the
             // server's stop. The timer exists only on this slow path, and is boxed with
@@ -65,7 +66,7 @@ impl Sink for StreamSink<'_> {
                     tokio::select! {
                         sent = tokio::time::timeout(p.slow_client, self.tx.send(frame)) => {
                             match sent {
-                                Ok(Ok(())) => Ok(()),
+                                Ok(Ok(())) => Ok(true),
                                 Ok(Err(_)) => Err(Outcome::Disconnected),
                                 Err(_) => Err(Outcome::Failed(slow_client(p.slow_client))),
                             }
@@ -94,9 +95,9 @@ pub(super) struct JsonSink {
 }
 
 impl Sink for JsonSink {
-    async fn token(&mut self, token: Token, _: &Pipeline) -> Result<(), Outcome> {
+    async fn token(&mut self, token: Token, _: &Pipeline) -> Result<bool, Outcome> {
         self.answer.push_str(token.text());
-        Ok(())
+        Ok(false)
     }
 
     fn heartbeat(&mut self) {}
@@ -148,7 +149,18 @@ pub(super) async fn drive<S: Sink>(
     mut gone: Pin<&mut impl Future<Output = ()>>,
     stats: &mut Stats,
 ) -> Driven {
+    // The two ends no answer can outlast, polled only after one of them woke: the loop
+    // below runs once per token, and they almost never fire.
     let mut stop = pin!(p.shutdown.stopped());
+    let mut ends = Woken::new(poll_fn(move |cx| {
+        if gone.as_mut().poll(cx).is_ready() {
+            Poll::Ready(Err(Outcome::Disconnected))
+        } else if stop.as_mut().poll(cx).is_ready() {
+            Poll::Ready(Err(Outcome::Failed(shutting_down())))
+        } else {
+            Poll::Pending
+        }
+    }));
     let mut clock = Deadlines {
         received: ask.received,
         ttft_timeout: p.ttft_timeout,
@@ -170,8 +182,7 @@ pub(super) async fn drive<S: Sink>(
     let passages: Arc<[Passage]> = loop {
         tokio::select! {
             biased;
-            () = &mut gone => return Err(Outcome::Disconnected),
-            () = &mut stop => return Err(Outcome::Failed(shutting_down())),
+            ended = &mut ends => return ended,
             r = &mut retrieving => match r {
                 Ok(found) => break found.into(),
                 Err(e) => return Err(Outcome::Failed(pipeline_error(e))),
@@ -189,6 +200,10 @@ pub(super) async fn drive<S: Sink>(
         passages: passages.clone(),
     });
     let mut usage = Usage::default();
+    // The time for the deadlines, read once after each wait rather than once per token:
+    // tokens that were ready together share it (they came within microseconds, and the
+    // deadlines are seconds), and a token after any wait reads the clock again.
+    let mut stamp: Option<Instant> = None;
 
     loop {
         // What can happen while the answer runs, checked in this order:
@@ -198,23 +213,30 @@ pub(super) async fn drive<S: Sink>(
         // - the timer fires: first-token or idle deadline passed, or a heartbeat is due.
         // Polled by hand rather than with `select!`: this runs once per token, and the
         // macro's branch bookkeeping showed in profiles of fast streams.
+        // The task's cooperative budget is spent here, once per chunk: nothing else in
+        // the loop spends it on the fast path, and a generator that is always ready,
+        // read by a connection on another thread, would otherwise never yield.
+        let mut waited = false;
         let woke = poll_fn(|cx| {
-            if gone.as_mut().poll(cx).is_ready() {
-                Poll::Ready(Woke::Gone)
-            } else if stop.as_mut().poll(cx).is_ready() {
-                Poll::Ready(Woke::Stop)
+            let Poll::Ready(coop) = tokio::task::coop::poll_proceed(cx) else {
+                waited = true;
+                return Poll::Pending;
+            };
+            if let Poll::Ready(ended) = ends.poll_woken(cx) {
+                Poll::Ready(Woke::End(ended))
             } else if let Poll::Ready(item) = tokens.as_mut().poll_next(cx) {
+                coop.made_progress();
                 Poll::Ready(Woke::Chunk(item))
             } else if timer.as_mut().poll(cx).is_ready() {
                 Poll::Ready(Woke::Timer)
             } else {
+                waited = true;
                 Poll::Pending
             }
         })
         .await;
         match woke {
-            Woke::Gone => return Err(Outcome::Disconnected),
-            Woke::Stop => return Err(Outcome::Failed(shutting_down())),
+            Woke::End(ended) => return ended,
             Woke::Chunk(item) => {
                 let token = match item {
                     Some(Ok(Chunk::Token(t))) => Some(t),
@@ -227,11 +249,14 @@ pub(super) async fn drive<S: Sink>(
                 };
                 let is_token = token.is_some();
                 if let Some(t) = token {
-                    sink.token(t, p).await?;
+                    waited |= sink.token(t, p).await?;
                 }
                 // Read after the hand-off: a client that kept the token waiting for room
                 // must not make the generator look idle.
-                let now = Instant::now();
+                let now = match stamp {
+                    Some(t) if !waited => t,
+                    _ => *stamp.insert(Instant::now()),
+                };
                 if is_token {
                     stats.tokens += 1;
                     stats.first_token.get_or_insert(now);
@@ -261,8 +286,8 @@ pub(super) async fn drive<S: Sink>(
 
 /// What one wait of the generation loop ended with.
 enum Woke {
-    Gone,
-    Stop,
+    /// The client left or the server stopped: always an `Err`.
+    End(Driven),
     Chunk(Option<Result<Chunk, PipelineError>>),
     Timer,
 }

@@ -15,6 +15,7 @@
 mod drive;
 mod query_id;
 mod settle;
+mod woken;
 
 use std::pin::pin;
 use std::sync::Arc;
