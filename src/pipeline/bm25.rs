@@ -188,12 +188,19 @@ impl Bm25Index {
                 *slot += idf * tf * (K1 + 1.0) / (tf + norm);
             }
         }
-        hits.sort_unstable_by(|&a, &b| {
+        // Best first, ties by passage order: a total order, so the result is the same
+        // however the hits arrived. Only the top k are sorted: a common word hits most
+        // of the corpus, and sorting every hit was most of a search's time.
+        let best_first = |&a: &u32, &b: &u32| {
             scores[b as usize]
                 .total_cmp(&scores[a as usize])
                 .then(a.cmp(&b))
-        });
-        hits.truncate(top_k);
+        };
+        if hits.len() > top_k {
+            hits.select_nth_unstable_by(top_k - 1, best_first);
+            hits.truncate(top_k);
+        }
+        hits.sort_unstable_by(best_first);
         hits.into_iter()
             .map(|pid| Passage {
                 score: scores[pid as usize],
@@ -520,6 +527,21 @@ mod tests {
         assert!(all.len() > 3 && all.len() <= index.passages());
         assert!(all.iter().all(|p| p.score > 0.0));
         assert!(all.windows(2).all(|w| w[0].score >= w[1].score));
+    }
+
+    #[test]
+    fn the_top_k_are_the_first_k_of_the_whole_ranking() {
+        // Only the best k are sorted: they must be exactly the head of the full ranking,
+        // ties included, for every k.
+        let index = Bm25Index::builtin();
+        for q in ["How do quota refunds work?", "stream the answer", "proxy buffering"] {
+            let all = index.search(q, 10_000);
+            let ids = |hits: &[Passage]| hits.iter().map(|p| p.id.clone()).collect::<Vec<_>>();
+            for k in 1..=all.len() + 1 {
+                let top = index.search(q, k);
+                assert_eq!(ids(&top), ids(&all[..k.min(all.len())]), "{q}, k = {k}");
+            }
+        }
     }
 
     #[test]
