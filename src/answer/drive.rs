@@ -200,10 +200,6 @@ pub(super) async fn drive<S: Sink>(
         passages: passages.clone(),
     });
     let mut usage = Usage::default();
-    // The time for the deadlines, read once after each wait rather than once per token:
-    // tokens that were ready together share it (they came within microseconds, and the
-    // deadlines are seconds), and a token after any wait reads the clock again.
-    let mut stamp: Option<Instant> = None;
 
     loop {
         // What can happen while the answer runs, checked in this order:
@@ -251,11 +247,14 @@ pub(super) async fn drive<S: Sink>(
                 if let Some(t) = token {
                     waited |= sink.token(t, p).await?;
                 }
-                // Read after the hand-off: a client that kept the token waiting for room
-                // must not make the generator look idle.
-                let now = match stamp {
+                // The clock is read once after each wait rather than once per chunk:
+                // chunks that were ready together share the time of the first (they came
+                // within microseconds; the deadlines they move are seconds away). Read
+                // after the hand-off: a client that kept the token waiting for room must
+                // not make the generator look idle.
+                let now = match clock.last_chunk {
                     Some(t) if !waited => t,
-                    _ => *stamp.insert(Instant::now()),
+                    _ => Instant::now(),
                 };
                 if is_token {
                     stats.tokens += 1;
@@ -369,4 +368,67 @@ fn stalled(after: Duration) -> ApiError {
         ErrorCode::UpstreamTimeout,
         format!("the generator was silent for {} ms", after.as_millis()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::answer::QueryId;
+    use crate::auth::UserId;
+    use crate::config::ServiceConfig;
+    use crate::pipeline::bm25::Bm25Index;
+    use crate::pipeline::sim::{SimConfig, SimGenerator};
+    use crate::shutdown::Shutdown;
+
+    /// Nothing in the loop waits when the generator is always ready and the sink never
+    /// fills (a JSON answer; a stream read as fast as it is written from another
+    /// thread): only the cooperative budget the loop spends per chunk makes it yield, so
+    /// other tasks on its thread still run while it generates.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_always_ready_generator_lets_other_tasks_run() {
+        let tokens = 5_000;
+        let config = ServiceConfig {
+            max_answer_tokens: tokens,
+            ..ServiceConfig::default()
+        };
+        let generator = SimGenerator::new(SimConfig {
+            ttft: Duration::ZERO,
+            token_interval: Duration::ZERO,
+            tokens,
+        });
+        let p = Pipeline::new(
+            Arc::new(Bm25Index::builtin()),
+            Arc::new(generator),
+            Shutdown::new(),
+            &config,
+        );
+        let ask = Ask {
+            id: QueryId::next(),
+            query: Arc::from("How do quota refunds work?"),
+            top_k: 4,
+            user: UserId::of_bearer("u"),
+            received: Instant::now(),
+        };
+        let runs = Arc::new(AtomicUsize::new(0));
+        let other = tokio::spawn({
+            let runs = runs.clone();
+            async move {
+                loop {
+                    runs.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let mut sink = JsonSink::default();
+        let mut stats = Stats::default();
+        let gone = pin!(std::future::pending::<()>());
+        let driven = drive(&p, &ask, &mut sink, gone, &mut stats).await;
+        let ran = runs.load(Ordering::Relaxed);
+        other.abort();
+        assert!(driven.is_ok());
+        assert_eq!(stats.tokens, tokens);
+        assert!(ran > 0, "the other task never ran during {tokens} tokens");
+    }
 }

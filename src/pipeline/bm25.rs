@@ -534,7 +534,11 @@ mod tests {
         // Only the best k are sorted: they must be exactly the head of the full ranking,
         // ties included, for every k.
         let index = Bm25Index::builtin();
-        for q in ["How do quota refunds work?", "stream the answer", "proxy buffering"] {
+        for q in [
+            "How do quota refunds work?",
+            "stream the answer",
+            "proxy buffering",
+        ] {
             let all = index.search(q, 10_000);
             let ids = |hits: &[Passage]| hits.iter().map(|p| p.id.clone()).collect::<Vec<_>>();
             for k in 1..=all.len() + 1 {
