@@ -8,6 +8,8 @@
 //! - [`settle`] holds the [`Outcome`] of an answer and the [`Settlement`] that acts on it:
 //!   the charge settled on delivery and refunded otherwise — also when the pipeline
 //!   panics (caught per ask) and, as a last resort, by the settlement's own `Drop`.
+//! - [`woken`] wraps the two ends no answer outlasts (the client leaving, the server
+//!   stopping) so that the per-token loop polls them only after they woke.
 //!
 //! A streaming answer counts as delivered when the body yields its `done` frame to hyper;
 //! a JSON answer when the body yields the document ([`JsonBody`]).
