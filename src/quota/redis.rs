@@ -86,7 +86,7 @@ use crate::pipeline::BoxFuture;
 
 /// The start of the two scripts that read a user's window: `limit` and `window_secs` from
 /// ARGV[1..2], the store's clock (`now_s`, `now_ms`), the window it is in (`win`) and the
-/// one stored in KEYS[1] (`stored`). One clock for every instance: the store's.
+/// one stored in `KEYS[1]` (`stored`). One clock for every instance: the store's.
 macro_rules! window_prelude {
     () => {
         r"
