@@ -51,22 +51,36 @@ fn request() -> http::Request<Full<Bytes>> {
         .expect("a valid request")
 }
 
-fn first_frame(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("a runtime");
+        .expect("a runtime")
+}
+
+/// A service answering with `sim` and never out of quota, built inside `rt`.
+fn service(rt: &tokio::runtime::Runtime, sim: SimConfig) -> AskService {
     let config = ServiceConfig {
-        generator: GeneratorConfig::Sim(sim_config()),
+        generator: GeneratorConfig::Sim(sim),
         quota_limit: u32::MAX,
         ..ServiceConfig::default()
     };
-    let service = {
-        let _guard = rt.enter();
-        AskService::builder(config)
-            .build()
-            .expect("the service builds")
-    };
+    let _guard = rt.enter();
+    AskService::builder(config)
+        .build()
+        .expect("the service builds")
+}
+
+/// Runs the answers' tasks to their end, so a figure includes a stream's end as well.
+async fn settled(service: &AskService) {
+    while service.in_flight() > 0 {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn first_frame(c: &mut Criterion) {
+    let rt = runtime();
+    let service = service(&rt, sim_config());
     let mut group = c.benchmark_group("first_frame");
     group.bench_function("stream_ask", |b| {
         b.iter(|| {
@@ -81,12 +95,9 @@ fn first_frame(c: &mut Criterion) {
                     .and_then(|f| f.into_data().ok())
                     .expect("a first frame");
                 assert!(frame.starts_with(b"data: {\"type\":\"token\""), "{frame:?}");
-                // Dropping the body ends the answer (a disconnect, refunded); its task is
-                // run to its end here, so the figure includes a stream's end as well.
+                // Dropping the body ends the answer (a disconnect, refunded).
                 drop(body);
-                while service.in_flight() > 0 {
-                    tokio::task::yield_now().await;
-                }
+                settled(&service).await;
                 black_box(frame.len())
             })
         });
@@ -95,25 +106,13 @@ fn first_frame(c: &mut Criterion) {
 }
 
 fn whole_answer(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    let config = ServiceConfig {
-        generator: GeneratorConfig::Sim(SimConfig {
-            ttft: Duration::ZERO,
-            token_interval: Duration::ZERO,
-            tokens: 256,
-        }),
-        quota_limit: u32::MAX,
-        ..ServiceConfig::default()
+    let rt = runtime();
+    let unpaced = SimConfig {
+        ttft: Duration::ZERO,
+        token_interval: Duration::ZERO,
+        tokens: 256,
     };
-    let service = {
-        let _guard = rt.enter();
-        AskService::builder(config)
-            .build()
-            .expect("the service builds")
-    };
+    let service = service(&rt, unpaced);
     let mut group = c.benchmark_group("whole_answer");
     group.bench_function("unpaced_256", |b| {
         b.iter(|| {
@@ -127,9 +126,7 @@ fn whole_answer(c: &mut Criterion) {
                         .and_then(|f| f.into_data().ok())
                         .map_or(0, |d| d.len());
                 }
-                while service.in_flight() > 0 {
-                    tokio::task::yield_now().await;
-                }
+                settled(&service).await;
                 black_box(bytes)
             })
         });
@@ -143,10 +140,7 @@ fn pieces(c: &mut Criterion) {
     let sim = SimGenerator::new(sim_config());
     let quota = QuotaMap::new(Duration::from_secs(86_400));
     let user = askstream::auth::UserId::of_bearer("bench-user");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
+    let rt = runtime();
 
     let mut group = c.benchmark_group("pieces");
     group.bench_function("bm25_top4", |b| {

@@ -218,7 +218,7 @@ pub(super) async fn drive<S: Sink>(
                 waited = true;
                 return Poll::Pending;
             };
-            if let Poll::Ready(ended) = ends.poll_woken(cx) {
+            if let Poll::Ready(ended) = Pin::new(&mut ends).poll(cx) {
                 Poll::Ready(Woke::End(ended))
             } else if let Poll::Ready(item) = tokens.as_mut().poll_next(cx) {
                 coop.made_progress();

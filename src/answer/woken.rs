@@ -65,33 +65,30 @@ impl<F: Future + Unpin> Woken<F> {
             task: None,
         }
     }
-
-    /// Polls the inner future if it has woken since its last poll; `Pending` otherwise.
-    pub(super) fn poll_woken(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // The task to wake must be the one polling now (the first poll may come from a
-        // no-op waker, before the answer has a task).
-        if !self.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
-            let task = cx.waker().clone();
-            *self
-                .flag
-                .task
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(task.clone());
-            self.task = Some(task);
-        }
-        // Lowered before the poll: a wake during it raises it again.
-        if !self.flag.woken.swap(false, Ordering::Acquire) {
-            return Poll::Pending;
-        }
-        Pin::new(&mut self.fut).poll(&mut Context::from_waker(&self.inner))
-    }
 }
 
 impl<F: Future + Unpin> Future for Woken<F> {
     type Output = F::Output;
 
+    /// Polls the inner future if it has woken since its last poll; `Pending` otherwise.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.poll_woken(cx)
+        let this = &mut *self;
+        // The task to wake must be the one polling now (the first poll may come from a
+        // no-op waker, before the answer has a task).
+        if !this.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+            let task = cx.waker().clone();
+            *this
+                .flag
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(task.clone());
+            this.task = Some(task);
+        }
+        // Lowered before the poll: a wake during it raises it again.
+        if !this.flag.woken.swap(false, Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.fut).poll(&mut Context::from_waker(&this.inner))
     }
 }
 
@@ -157,14 +154,14 @@ mod tests {
 
         // The first poll reaches the inner future; the next ones do not.
         for _ in 0..5 {
-            assert!(w.poll_woken(&mut cx).is_pending());
+            assert!(Pin::new(&mut w).poll(&mut cx).is_pending());
         }
         assert_eq!(gate.polls.load(Ordering::SeqCst), 1);
 
         // Its wake-up reaches the task, and the next poll reaches it again.
         gate.open();
         assert_eq!(task.0.load(Ordering::SeqCst), 1);
-        assert!(w.poll_woken(&mut cx).is_ready());
+        assert!(Pin::new(&mut w).poll(&mut cx).is_ready());
         assert_eq!(gate.polls.load(Ordering::SeqCst), 2);
     }
 
@@ -178,12 +175,24 @@ mod tests {
         // Polled first by one task (as the inline first poll does with a no-op waker),
         // then by another: the wake-up goes to the second.
         let waker = Waker::from(first.clone());
-        assert!(w.poll_woken(&mut Context::from_waker(&waker)).is_pending());
+        assert!(
+            Pin::new(&mut w)
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
         let waker = Waker::from(second.clone());
-        assert!(w.poll_woken(&mut Context::from_waker(&waker)).is_pending());
+        assert!(
+            Pin::new(&mut w)
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
         gate.open();
         assert_eq!(first.0.load(Ordering::SeqCst), 0);
         assert_eq!(second.0.load(Ordering::SeqCst), 1);
-        assert!(w.poll_woken(&mut Context::from_waker(&waker)).is_ready());
+        assert!(
+            Pin::new(&mut w)
+                .poll(&mut Context::from_waker(&waker))
+                .is_ready()
+        );
     }
 }
