@@ -35,9 +35,13 @@ pub(crate) struct Host {
     shared: Arc<Shared>,
 }
 
+/// The connection's state, shared with its service; also the connection's own flag (its
+/// waker raises `conn_woken`), which saves an allocation per connection.
 struct Shared {
     /// True while the task is polling: a wake then only raises its flag.
     polling: AtomicBool,
+    /// The connection has woken since its last poll.
+    conn_woken: AtomicBool,
     /// The connection's task, woken by flags raised while it is not polling.
     task: Mutex<Option<Waker>>,
     /// Answers started since the last round, not polled by the host yet.
@@ -85,6 +89,18 @@ impl Wake for Flag {
     }
 }
 
+impl Wake for Shared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // As for an answer's `Flag`.
+        self.conn_woken.store(true, Ordering::SeqCst);
+        self.wake_unless_polling();
+    }
+}
+
 impl Shared {
     fn wake_unless_polling(&self) {
         if !self.polling.load(Ordering::SeqCst) {
@@ -101,6 +117,8 @@ impl Host {
         Host {
             shared: Arc::new(Shared {
                 polling: AtomicBool::new(false),
+                // Raised: the connection must be polled once.
+                conn_woken: AtomicBool::new(true),
                 task: Mutex::new(None),
                 arrived: Mutex::new(Vec::new()),
                 any_arrived: AtomicBool::new(false),
@@ -143,7 +161,9 @@ impl<F> Flagged<F> {
 pub(crate) struct Hosting<'c, C: Future> {
     /// The connection, dropped in place once it ends (its bodies with it, so that the
     /// answers see their clients gone).
-    conn: Flagged<Pin<&'c mut Option<C>>>,
+    conn: Pin<&'c mut Option<C>>,
+    /// The connection's waker: raises `shared.conn_woken`.
+    conn_waker: Waker,
     ended: Option<C::Output>,
     answers: Vec<Flagged<Answer>>,
     shared: Arc<Shared>,
@@ -156,7 +176,8 @@ impl<'c, C: Future> Hosting<'c, C> {
     /// `Some`).
     pub(crate) fn new(conn: Pin<&'c mut Option<C>>, host: &Host) -> Self {
         Hosting {
-            conn: Flagged::new(conn, &host.shared),
+            conn,
+            conn_waker: Waker::from(host.shared.clone()),
             ended: None,
             answers: Vec::new(),
             shared: host.shared.clone(),
@@ -177,13 +198,13 @@ impl<'c, C: Future> Hosting<'c, C> {
         // The connection first: when a client leaves, hyper seeing it drops the body,
         // and the answer then ends on that (the drop's moment is when its detection lag
         // starts) rather than on its own socket watch in the same round.
-        if self.conn.flag.take() {
-            if let Some(conn) = self.conn.fut.as_mut().as_pin_mut() {
+        if self.shared.conn_woken.swap(false, Ordering::SeqCst) {
+            if let Some(conn) = self.conn.as_mut().as_pin_mut() {
                 any = true;
-                let mut cx = Context::from_waker(&self.conn.waker);
+                let mut cx = Context::from_waker(&self.conn_waker);
                 if let Poll::Ready(out) = conn.poll(&mut cx) {
                     self.ended = Some(out);
-                    self.conn.fut.set(None);
+                    self.conn.set(None);
                 }
             }
         }
@@ -205,7 +226,7 @@ impl<'c, C: Future> Hosting<'c, C> {
 
     fn any_raised(&self) -> bool {
         self.shared.any_arrived.load(Ordering::SeqCst)
-            || self.conn.flag.woken.load(Ordering::SeqCst)
+            || self.shared.conn_woken.load(Ordering::SeqCst)
             || self
                 .answers
                 .iter()
@@ -241,7 +262,7 @@ impl<C: Future> Future for Hosting<'_, C> {
         if this.any_raised() {
             cx.waker().wake_by_ref();
         }
-        if this.conn.fut.is_none() && this.answers.is_empty() && !this.any_raised() {
+        if this.conn.is_none() && this.answers.is_empty() && !this.any_raised() {
             if let Some(out) = this.ended.take() {
                 return Poll::Ready(out);
             }
