@@ -28,7 +28,6 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::Activity;
-use crate::answer::{Host, Hosting};
 use crate::config::ServiceConfig;
 use crate::peer;
 use crate::service::AskService;
@@ -219,9 +218,8 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
 /// outliving its answer (see `Activity`).
 type Deadlines = (Duration, Duration, Duration);
 
-/// Serves HTTP/1.1 on `io`, with its answers in the same task (see [`Host`]). They watch
-/// the socket themselves through `hangup`: hyper stops reading it while a byte waits
-/// behind the request.
+/// Serves HTTP/1.1 on `io`. Its answers watch the socket themselves through `hangup`:
+/// hyper stops reading it while a byte waits behind the request.
 async fn serve_http1<I>(
     http1: &http1::Builder,
     io: I,
@@ -232,10 +230,8 @@ async fn serve_http1<I>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let host = Host::new();
-    let conn = http1.serve_connection(io, service.watching(hangup).hosted_by(host.clone()));
-    let conn = pin!(Some(watcher.watch(conn)));
-    Hosting::new(conn, &host).await.map_err(Into::into)
+    let conn = http1.serve_connection(io, service.watching(hangup));
+    watcher.watch(conn).await.map_err(Into::into)
 }
 
 /// Serves HTTP/2 on `io`. hyper keeps no head deadline for h2 and no idle deadline at

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::activity::Activity;
-use crate::answer::{self, Ask, Host, Pipeline, QueryId};
+use crate::answer::{self, Ask, Pipeline, QueryId};
 use crate::auth::Auth;
 use crate::body::AskBody;
 use crate::builder::Builder;
@@ -84,9 +84,6 @@ pub struct AskService {
     /// The connection's socket, when the server watches it for the client leaving
     /// (HTTP/1).
     hangup: Option<Hangup>,
-    /// The connection's task, when the server runs the connection's answers in it
-    /// (HTTP/1).
-    host: Option<Host>,
 }
 
 struct Inner {
@@ -105,8 +102,7 @@ struct Inner {
     quota: Arc<dyn QuotaStore>,
     /// Bounds answers in flight (`--max-streams`); a permit lives as long as its answer.
     streams: Arc<Semaphore>,
-    /// Every streaming answer, spawned or hosted, so shutdown can wait for their refunds
-    /// to land.
+    /// Every spawned answer, so shutdown can wait for their refunds to land.
     answers: TaskTracker,
     /// The quota store's housekeeping starts with the first request (inside a runtime,
     /// whoever built the service) and stops when the service is dropped.
@@ -167,7 +163,6 @@ impl AskService {
             peer: None,
             activity: None,
             hangup: None,
-            host: None,
         }
     }
 
@@ -178,7 +173,6 @@ impl AskService {
             peer: Some(peer),
             activity: None,
             hangup: None,
-            host: None,
         }
     }
 
@@ -194,15 +188,6 @@ impl AskService {
     pub(crate) fn watching(&self, hangup: Hangup) -> Self {
         AskService {
             hangup: Some(hangup),
-            ..self.clone()
-        }
-    }
-
-    /// A clone that runs its streaming answers in `host`'s task (its connection's)
-    /// instead of spawning a task for each.
-    pub(crate) fn hosted_by(&self, host: Host) -> Self {
-        AskService {
-            host: Some(host),
             ..self.clone()
         }
     }
@@ -279,7 +264,7 @@ impl AskService {
         self.inner.config.max_streams - self.inner.streams.available_permits()
     }
 
-    /// Resolves when every streaming answer started so far has finished (settled or
+    /// Resolves when every streaming answer spawned so far has finished (settled or
     /// refunded). Used by shutdown; handy in tests.
     pub async fn answers_finished(&self) {
         self.inner.answers.close();
@@ -439,25 +424,22 @@ impl AskService {
             if let Some(activity) = &self.activity {
                 activity.track(tx.probe());
             }
-            let mut answer = Box::pin(inner.answers.track_future(answer::stream(
+            let mut answer = Box::pin(answer::stream(
                 inner.pipeline.clone(),
                 ask,
                 charge,
                 permit,
                 tx,
                 self.hangup.clone(),
-            )));
+            ));
             // Run the answer up to its first wait before hyper gets the response: with a
             // generator that has a token ready, the first frame is queued by then, and
             // hyper writes it in the same write as the headers (one syscall, no wake-up
-            // round trip). Its next poll, in its host or its own task, re-registers real
-            // wakers, so the no-op waker used here loses nothing.
+            // round trip). The spawned task's first poll re-registers real wakers, so
+            // the no-op waker used here loses nothing.
             let mut cx = Context::from_waker(std::task::Waker::noop());
             if answer.as_mut().poll(&mut cx).is_pending() {
-                match &self.host {
-                    Some(host) => host.run(answer),
-                    None => drop(tokio::spawn(answer)),
-                }
+                inner.answers.spawn(answer);
             }
             return Ok(sse_response(
                 StatusCode::OK,

@@ -8,8 +8,6 @@
 //! - [`settle`] holds the [`Outcome`] of an answer and the [`Settlement`] that acts on it:
 //!   the charge settled on delivery and refunded otherwise — also when the pipeline
 //!   panics (caught per ask) and, as a last resort, by the settlement's own `Drop`.
-//! - [`host`] runs a connection's answers in the connection's own task, so that a token
-//!   costs one wake-up, not two.
 //! - [`woken`] wraps the two ends no answer outlasts (the client leaving, the server
 //!   stopping) so that the per-token loop polls them only after they woke.
 //!
@@ -17,7 +15,6 @@
 //! a JSON answer when the body yields the document ([`JsonBody`]).
 
 mod drive;
-mod host;
 mod query_id;
 mod settle;
 mod woken;
@@ -30,7 +27,6 @@ use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-pub(crate) use host::{Host, Hosting};
 pub(crate) use query_id::QueryId;
 pub(crate) use settle::{Outcome, Settlement};
 
