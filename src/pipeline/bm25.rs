@@ -53,9 +53,15 @@ pub struct Bm25Index {
     terms: HashMap<Box<str>, u32>,
     /// Per term: `(passage, term frequency)`, ascending by passage.
     postings: Vec<Vec<(u32, u32)>>,
-    /// Terms per passage (title included, stop words not), for length normalisation.
-    lengths: Vec<u32>,
-    /// Mean of `lengths` (at least 1, so an index of empty passages cannot divide by 0).
+    /// Per term: its inverse document frequency. The index never changes, so this and
+    /// `norms` are worked out once rather than in every search (a logarithm per query
+    /// term, a division per posting).
+    idf: Vec<f32>,
+    /// Per passage: BM25's length normalisation, `K1 * (1 - B + B * len / avg_len)`, with
+    /// `len` its terms (title included, stop words not). Holds the lengths themselves
+    /// until the index is built.
+    norms: Vec<f32>,
+    /// Mean passage length (at least 1, so an index of empty passages cannot divide by 0).
     avg_len: f32,
 }
 
@@ -66,7 +72,8 @@ impl Bm25Index {
             passages: Vec::new(),
             terms: HashMap::new(),
             postings: Vec::new(),
-            lengths: Vec::new(),
+            idf: Vec::new(),
+            norms: Vec::new(),
             avg_len: 1.0,
         };
         let mut doc_terms = Vec::new();
@@ -83,10 +90,26 @@ impl Bm25Index {
                 index.add(doc, n + 1, text, &mut doc_terms);
             }
         }
-        let total: u64 = index.lengths.iter().map(|&l| u64::from(l)).sum();
-        if !index.lengths.is_empty() {
-            index.avg_len = (total as f32 / index.lengths.len() as f32).max(1.0);
+        // Lengths are whole numbers far below 2^24 (a passage is at most 2000 bytes): exact
+        // as f32s, and so is their sum as an f64.
+        let total: f64 = index.norms.iter().map(|&l| f64::from(l)).sum();
+        if !index.norms.is_empty() {
+            index.avg_len = (total as f32 / index.norms.len() as f32).max(1.0);
         }
+        let avg_len = index.avg_len;
+        for norm in &mut index.norms {
+            let len = *norm;
+            *norm = K1 * (1.0 - B + B * len / avg_len);
+        }
+        let n = index.passages.len() as f32;
+        index.idf = index
+            .postings
+            .iter()
+            .map(|postings| {
+                let df = postings.len() as f32;
+                (1.0 + (n - df + 0.5) / (df + 0.5)).ln()
+            })
+            .collect();
         index
     }
 
@@ -99,8 +122,9 @@ impl Bm25Index {
             score: 0.0,
             text: text.into(),
         });
-        self.lengths
-            .push(u32::try_from(terms.len()).unwrap_or(u32::MAX));
+        // The length, as `search` reads it; made a norm once every passage is in.
+        self.norms
+            .push(u32::try_from(terms.len()).unwrap_or(u32::MAX) as f32);
         // Sorting groups equal terms, so each run is one (term, frequency) posting.
         terms.sort_unstable();
         let mut i = 0;
@@ -169,17 +193,19 @@ impl Bm25Index {
             return Vec::new();
         }
 
-        let n = self.passages.len() as f32;
         let mut scores = vec![0.0f32; self.passages.len()];
-        let mut hits: Vec<u32> = Vec::new();
+        // Room for every passage the terms can hit, so the list never grows.
+        let most = query_terms
+            .iter()
+            .map(|&t| self.postings[t as usize].len())
+            .sum::<usize>()
+            .min(self.passages.len());
+        let mut hits: Vec<u32> = Vec::with_capacity(most);
         for &term in &query_terms {
-            let postings = &self.postings[term as usize];
-            let df = postings.len() as f32;
-            let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
-            for &(pid, tf) in postings {
+            let idf = self.idf[term as usize];
+            for &(pid, tf) in &self.postings[term as usize] {
                 let tf = tf as f32;
-                let len = self.lengths[pid as usize] as f32;
-                let norm = K1 * (1.0 - B + B * len / self.avg_len);
+                let norm = self.norms[pid as usize];
                 let slot = &mut scores[pid as usize];
                 if *slot == 0.0 {
                     hits.push(pid);
