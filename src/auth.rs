@@ -54,16 +54,14 @@ impl UserId {
     pub fn of_bearer(token: &str) -> Self {
         use sha2::{Digest, Sha256};
         const PREFIX: &[u8] = b"token:";
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = Sha256::digest(token.as_bytes());
+        let mut high = [0u8; 16];
+        high.copy_from_slice(&digest[..16]);
         // Spelled out on the stack, then one allocation for the id: every ask in open
         // mode comes through here, and formatting each byte cost more than the digest.
         let mut id = [0u8; PREFIX.len() + 32];
         id[..PREFIX.len()].copy_from_slice(PREFIX);
-        for (pair, b) in id[PREFIX.len()..].chunks_exact_mut(2).zip(&digest[..16]) {
-            pair[0] = HEX[usize::from(b >> 4)];
-            pair[1] = HEX[usize::from(b & 0xf)];
-        }
+        id[PREFIX.len()..].copy_from_slice(&crate::wire::hex_128(u128::from_be_bytes(high)));
         let id = std::str::from_utf8(&id).expect("a prefix and hex digits are ASCII");
         UserId {
             id: id.into(),

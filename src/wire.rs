@@ -229,9 +229,29 @@ pub fn comment(text: &str) -> Bytes {
     buf.freeze()
 }
 
+/// `value` as 32 lower-case hex digits, the spelling of query ids and of open-mode user
+/// ids. By table rather than `fmt`: both are made once per ask.
+pub(crate) fn hex_128(value: u128) -> [u8; 32] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, digit) in out.iter_mut().enumerate() {
+        *digit = DIGITS[((value >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_128_is_32_lower_case_digits_high_nibble_first() {
+        assert_eq!(&hex_128(0), b"00000000000000000000000000000000");
+        assert_eq!(
+            &hex_128(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
+            b"0123456789abcdeffedcba9876543210"
+        );
+    }
 
     #[test]
     fn token_frame_is_one_data_line() {

@@ -19,12 +19,7 @@ impl QueryId {
         let (prefix, key) = *SEED.get_or_init(|| (random_u64(), random_u64()));
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let value = (u128::from(prefix) << 64) | u128::from(mix64(n ^ key));
-        let mut out = [0u8; 32];
-        for (i, byte) in out.iter_mut().enumerate() {
-            let nibble = (value >> (124 - 4 * i)) & 0xf;
-            *byte = b"0123456789abcdef"[nibble as usize];
-        }
-        QueryId(out)
+        QueryId(crate::wire::hex_128(value))
     }
 
     /// The id as text.

@@ -58,8 +58,7 @@ pub struct Bm25Index {
     /// term, a division per posting).
     idf: Vec<f32>,
     /// Per passage: BM25's length normalisation, `K1 * (1 - B + B * len / avg_len)`, with
-    /// `len` its terms (title included, stop words not). Holds the lengths themselves
-    /// until the index is built.
+    /// `len` its terms (title included, stop words not).
     norms: Vec<f32>,
     /// Mean passage length (at least 1, so an index of empty passages cannot divide by 0).
     avg_len: f32,
@@ -77,6 +76,8 @@ impl Bm25Index {
             avg_len: 1.0,
         };
         let mut doc_terms = Vec::new();
+        // Terms per passage, until the mean is known.
+        let mut lengths: Vec<u32> = Vec::new();
         for doc in &docs {
             for (n, text) in split_passages(&doc.text).into_iter().enumerate() {
                 doc_terms.clear();
@@ -87,20 +88,19 @@ impl Bm25Index {
                     for_each_term(&doc.title, |t| doc_terms.push(t.to_owned()));
                 }
                 for_each_term(text, |t| doc_terms.push(t.to_owned()));
+                lengths.push(u32::try_from(doc_terms.len()).unwrap_or(u32::MAX));
                 index.add(doc, n + 1, text, &mut doc_terms);
             }
         }
-        // Lengths are whole numbers far below 2^24 (a passage is at most 2000 bytes): exact
-        // as f32s, and so is their sum as an f64.
-        let total: f64 = index.norms.iter().map(|&l| f64::from(l)).sum();
-        if !index.norms.is_empty() {
-            index.avg_len = (total as f32 / index.norms.len() as f32).max(1.0);
+        let total: u64 = lengths.iter().map(|&l| u64::from(l)).sum();
+        if !lengths.is_empty() {
+            index.avg_len = (total as f32 / lengths.len() as f32).max(1.0);
         }
         let avg_len = index.avg_len;
-        for norm in &mut index.norms {
-            let len = *norm;
-            *norm = K1 * (1.0 - B + B * len / avg_len);
-        }
+        index.norms = lengths
+            .iter()
+            .map(|&len| K1 * (1.0 - B + B * len as f32 / avg_len))
+            .collect();
         let n = index.passages.len() as f32;
         index.idf = index
             .postings
@@ -122,9 +122,6 @@ impl Bm25Index {
             score: 0.0,
             text: text.into(),
         });
-        // The length, as `search` reads it; made a norm once every passage is in.
-        self.norms
-            .push(u32::try_from(terms.len()).unwrap_or(u32::MAX) as f32);
         // Sorting groups equal terms, so each run is one (term, frequency) posting.
         terms.sort_unstable();
         let mut i = 0;
