@@ -14,6 +14,7 @@ use super::woken::Woken;
 use super::{Ask, Outcome, Pipeline};
 use crate::clock::later;
 use crate::error::{ApiError, ErrorCode};
+use crate::peer::Hangup;
 use crate::pipeline::{Chunk, Passage, PipelineError, PipelineErrorKind, Prompt, Token, Usage};
 use crate::sse::body::{SseSender, TrySendError};
 use crate::wire;
@@ -35,11 +36,26 @@ pub(super) struct Stats {
     pub(super) first_token: Option<Instant>,
 }
 
+/// How the driver learns that the client has gone.
+#[derive(Clone, Copy)]
+pub(super) struct Gone<'a> {
+    /// A streaming answer's body: dropped by hyper when the client leaves.
+    pub(super) body: Option<&'a SseSender>,
+    /// The HTTP/1 socket, watched for a hang-up while hyper is not reading it.
+    pub(super) hangup: Option<&'a Hangup>,
+}
+
+/// A sink's wait for room: it resolves when the token was taken, or with why the answer
+/// ends.
+pub(super) type Wait<'a> = Pin<Box<dyn Future<Output = Result<(), Outcome>> + Send + 'a>>;
+
 /// Where tokens go: the SSE channel or the JSON answer text.
 pub(super) trait Sink {
-    /// Hands a token on, waiting for room (but not past the server's stop); `Ok(true)`
-    /// if it had to wait, `Err` ends the answer.
-    fn token(&mut self, token: Token, p: &Pipeline) -> impl Future<Output = Result<bool, Outcome>>;
+    /// Hands a token on: `Ok(None)` if it was taken now, `Ok(Some(wait))` if the sink is
+    /// full and `wait` must be awaited, `Err` if the answer ends. The wait is boxed: it
+    /// exists only on the slow path, and inline it would add its timer to every answer's
+    /// future, slow or not.
+    fn token<'s>(&'s mut self, token: Token, p: &'s Pipeline) -> Result<Option<Wait<'s>>, Outcome>;
     /// Sends a heartbeat if it fits now (skipped while the buffer is full).
     fn heartbeat(&mut self);
     /// Whether heartbeats mean anything for this sink.
@@ -52,29 +68,27 @@ pub(super) struct StreamSink<'a> {
 }
 
 impl Sink for StreamSink<'_> {
-    async fn token(&mut self, token: Token, p: &Pipeline) -> Result<bool, Outcome> {
+    fn token<'s>(&'s mut self, token: Token, p: &'s Pipeline) -> Result<Option<Wait<'s>>, Outcome> {
         // The frame moves into the channel: no reference-count traffic per token.
         match self.tx.try_send(token.into_frame()) {
-            Ok(()) => Ok(false),
+            Ok(()) => Ok(None),
             Err(TrySendError::Disconnected) => Err(Outcome::Disconnected),
             // The client is behind: wait for room, but not forever, and not past the
-            // server's stop. The timer exists only on this slow path, and is boxed with
-            // the send: inline, the two would add some 400 bytes to every answer's future,
-            // slow or not.
+            // server's stop.
             Err(TrySendError::Full(frame)) => {
-                let wait = Box::pin(async {
+                let tx = self.tx;
+                Ok(Some(Box::pin(async move {
                     tokio::select! {
-                        sent = tokio::time::timeout(p.slow_client, self.tx.send(frame)) => {
+                        sent = tokio::time::timeout(p.slow_client, tx.send(frame)) => {
                             match sent {
-                                Ok(Ok(())) => Ok(true),
+                                Ok(Ok(())) => Ok(()),
                                 Ok(Err(_)) => Err(Outcome::Disconnected),
                                 Err(_) => Err(Outcome::Failed(slow_client(p.slow_client))),
                             }
                         }
                         () = p.shutdown.stopped() => Err(Outcome::Failed(shutting_down())),
                     }
-                });
-                wait.await
+                })))
             }
         }
     }
@@ -95,9 +109,9 @@ pub(super) struct JsonSink {
 }
 
 impl Sink for JsonSink {
-    async fn token(&mut self, token: Token, _: &Pipeline) -> Result<bool, Outcome> {
+    fn token<'s>(&'s mut self, token: Token, _: &'s Pipeline) -> Result<Option<Wait<'s>>, Outcome> {
         self.answer.push_str(token.text());
-        Ok(false)
+        Ok(None)
     }
 
     fn heartbeat(&mut self) {}
@@ -108,12 +122,11 @@ impl Sink for JsonSink {
 }
 
 /// The deadlines one answer watches, kept as instants so a token costs two stores and
-/// no timer reset: the single timer is re-armed only when it fires.
+/// no timer reset: the single timer is re-armed only when it fires. The timeouts are read
+/// from the [`Pipeline`] rather than copied: this lives in every open answer.
 struct Deadlines {
     received: Instant,
-    ttft_timeout: Duration,
-    idle_timeout: Duration,
-    heartbeat: Option<Duration>,
+    heartbeat: bool,
     /// Last chunk from the generator; `None` until the first.
     last_chunk: Option<Instant>,
     /// Last frame sent to the client, heartbeats included.
@@ -123,37 +136,46 @@ struct Deadlines {
 impl Deadlines {
     // Saturating sums: a setting absurdly high (a heartbeat in the billions of seconds)
     // means "never", not a panic in every answer.
-    fn generator_deadline(&self) -> Instant {
+    fn generator_deadline(&self, p: &Pipeline) -> Instant {
         match self.last_chunk {
-            None => later(self.received, self.ttft_timeout),
-            Some(t) => later(t, self.idle_timeout),
+            None => later(self.received, p.ttft_timeout),
+            Some(t) => later(t, p.idle_timeout),
         }
     }
 
-    fn heartbeat_due(&self) -> Option<Instant> {
-        self.heartbeat.map(|h| later(self.last_event, h))
+    fn heartbeat_due(&self, p: &Pipeline) -> Option<Instant> {
+        self.heartbeat.then(|| later(self.last_event, p.heartbeat))
     }
 
-    fn next(&self) -> Instant {
-        let g = self.generator_deadline();
-        self.heartbeat_due().map_or(g, |h| g.min(h))
+    fn next(&self, p: &Pipeline) -> Instant {
+        let g = self.generator_deadline(p);
+        self.heartbeat_due(p).map_or(g, |h| g.min(h))
     }
 }
 
 /// Runs retrieval and generation for one ask, sending tokens into `sink`, until the
 /// generator ends or something ends the answer first.
+///
+/// Every open answer is this future, so its state is kept lean: the two ends are polled
+/// in place rather than through futures of their own where they can be, and nothing but
+/// a boxed wait lives across a token hand-off.
 pub(super) async fn drive<S: Sink>(
     p: &Pipeline,
     ask: &Ask,
     sink: &mut S,
-    mut gone: Pin<&mut impl Future<Output = ()>>,
+    gone: Gone<'_>,
     stats: &mut Stats,
 ) -> Driven {
     // The two ends no answer can outlast, polled only after one of them woke: the loop
     // below runs once per token, and they almost never fire.
+    let mut hung_up = pin!(hung_up(gone.hangup));
     let mut stop = pin!(p.shutdown.stopped());
+    let body = gone.body;
     let mut ends = Woken::new(poll_fn(move |cx| {
-        if gone.as_mut().poll(cx).is_ready() {
+        // The body first: when both have happened, hyper dropping it is what counts.
+        if body.is_some_and(|tx| tx.poll_closed(cx).is_ready())
+            || hung_up.as_mut().poll(cx).is_ready()
+        {
             Poll::Ready(Err(Outcome::Disconnected))
         } else if stop.as_mut().poll(cx).is_ready() {
             Poll::Ready(Err(Outcome::Failed(shutting_down())))
@@ -163,37 +185,36 @@ pub(super) async fn drive<S: Sink>(
     }));
     let mut clock = Deadlines {
         received: ask.received,
-        ttft_timeout: p.ttft_timeout,
-        idle_timeout: p.idle_timeout,
-        heartbeat: sink.wants_heartbeat().then_some(p.heartbeat),
+        heartbeat: sink.wants_heartbeat(),
         last_chunk: None,
         // The response head went out at admission: heartbeats count from there, also
         // while a slow retriever works.
         last_event: Instant::now(),
     };
     // One timer for the whole answer, re-armed only when it fires (see `on_timer`).
-    let mut timer = pin!(sleep_until(clock.next()));
+    let mut timer = pin!(sleep_until(clock.next(p)));
 
     // Retrieval can end in four ways: the client leaves, the server stops, the retriever
     // answers, or the timer finds the first-token deadline passed (it may only send a
     // heartbeat). The timer is polled last, so an in-memory retriever, ready at once,
     // never registers it.
-    let mut retrieving = p.retriever.retrieve(&ask.query, ask.top_k);
-    let passages: Arc<[Passage]> = loop {
-        tokio::select! {
-            biased;
-            ended = &mut ends => return ended,
-            r = &mut retrieving => match r {
-                Ok(found) => break found.into(),
-                Err(e) => return Err(Outcome::Failed(pipeline_error(e))),
-            },
-            () = &mut timer => {
-                on_timer(p, &mut clock, sink)?;
-                timer.as_mut().reset(clock.next());
+    let passages: Arc<[Passage]> = {
+        let mut retrieving = p.retriever.retrieve(&ask.query, ask.top_k);
+        loop {
+            tokio::select! {
+                biased;
+                ended = &mut ends => return ended,
+                r = &mut retrieving => match r {
+                    Ok(found) => break found.into(),
+                    Err(e) => return Err(Outcome::Failed(pipeline_error(e))),
+                },
+                () = &mut timer => {
+                    on_timer(p, &mut clock, sink)?;
+                    timer.as_mut().reset(clock.next(p));
+                }
             }
         }
     };
-    drop(retrieving);
 
     let mut tokens = p.generator.generate(Prompt {
         query: ask.query.clone(),
@@ -213,73 +234,82 @@ pub(super) async fn drive<S: Sink>(
         // the loop spends it on the fast path, and a generator that is always ready,
         // read by a connection on another thread, would otherwise never yield.
         let mut waited = false;
-        let woke = poll_fn(|cx| {
-            let Poll::Ready(coop) = tokio::task::coop::poll_proceed(cx) else {
-                waited = true;
-                return Poll::Pending;
-            };
-            if let Poll::Ready(ended) = Pin::new(&mut ends).poll(cx) {
-                Poll::Ready(Woke::End(ended))
-            } else if let Poll::Ready(item) = tokens.as_mut().poll_next(cx) {
-                coop.made_progress();
-                Poll::Ready(Woke::Chunk(item))
-            } else if timer.as_mut().poll(cx).is_ready() {
-                Poll::Ready(Woke::Timer)
-            } else {
-                waited = true;
-                Poll::Pending
-            }
-        })
-        .await;
-        match woke {
-            Woke::End(ended) => return ended,
-            Woke::Chunk(item) => {
-                let token = match item {
-                    Some(Ok(Chunk::Token(t))) => Some(t),
-                    Some(Ok(Chunk::Usage(u))) => {
-                        usage = u;
-                        None
-                    }
-                    Some(Err(e)) => return Err(Outcome::Failed(pipeline_error(e))),
-                    None => return Ok(Generated { passages, usage }),
+        // Scoped so that nothing but the boxed wait lives across the hand-off's await:
+        // not what woke the loop, not the token.
+        let (is_token, wait) = {
+            let woke = poll_fn(|cx| {
+                let Poll::Ready(coop) = tokio::task::coop::poll_proceed(cx) else {
+                    waited = true;
+                    return Poll::Pending;
                 };
-                let is_token = token.is_some();
-                if let Some(t) = token {
-                    waited |= sink.token(t, p).await?;
+                if let Poll::Ready(ended) = Pin::new(&mut ends).poll(cx) {
+                    Poll::Ready(Woke::End(ended))
+                } else if let Poll::Ready(item) = tokens.as_mut().poll_next(cx) {
+                    coop.made_progress();
+                    Poll::Ready(Woke::Chunk(item))
+                } else if timer.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(Woke::Timer)
+                } else {
+                    waited = true;
+                    Poll::Pending
                 }
-                // The clock is read once after each wait rather than once per chunk:
-                // chunks that were ready together share the time of the first (they came
-                // within microseconds; the deadlines they move are seconds away). Read
-                // after the hand-off: a client that kept the token waiting for room must
-                // not make the generator look idle.
-                let now = match clock.last_chunk {
-                    Some(t) if !waited => t,
-                    _ => Instant::now(),
-                };
-                if is_token {
-                    stats.tokens += 1;
-                    stats.first_token.get_or_insert(now);
-                    clock.last_event = now;
-                    // The longest answer allowed is a complete one: drop the stream (which
-                    // stops an upstream) and deliver what was said.
-                    if stats.tokens >= p.max_tokens {
-                        return Ok(Generated { passages, usage });
-                    }
+            })
+            .await;
+            match woke {
+                Woke::End(ended) => return ended,
+                Woke::Chunk(Some(Ok(Chunk::Token(t)))) => (true, sink.token(t, p)?),
+                Woke::Chunk(Some(Ok(Chunk::Usage(u)))) => {
+                    usage = u;
+                    (false, None)
                 }
-                // The timer is re-armed lazily (it fires early, then moves on), which is
-                // sound only while deadlines move later. The first chunk swaps the
-                // first-token deadline for the idle deadline, which can be earlier: re-arm
-                // once here, or an idle timeout shorter than the TTFT timeout would wait
-                // for the TTFT deadline (or the next heartbeat) instead.
-                if clock.last_chunk.replace(now).is_none() {
-                    timer.as_mut().reset(clock.next());
+                Woke::Chunk(Some(Err(e))) => return Err(Outcome::Failed(pipeline_error(e))),
+                Woke::Chunk(None) => return Ok(Generated { passages, usage }),
+                Woke::Timer => {
+                    on_timer(p, &mut clock, sink)?;
+                    timer.as_mut().reset(clock.next(p));
+                    continue;
                 }
             }
-            Woke::Timer => {
-                on_timer(p, &mut clock, sink)?;
-                timer.as_mut().reset(clock.next());
+        };
+        if let Some(wait) = wait {
+            wait.await?;
+            waited = true;
+        }
+        // The clock is read once after each wait rather than once per chunk: chunks that
+        // were ready together share the time of the first (they came within
+        // microseconds; the deadlines they move are seconds away). Read after the
+        // hand-off: a client that kept the token waiting for room must not make the
+        // generator look idle.
+        let now = match clock.last_chunk {
+            Some(t) if !waited => t,
+            _ => Instant::now(),
+        };
+        if is_token {
+            stats.tokens += 1;
+            stats.first_token.get_or_insert(now);
+            clock.last_event = now;
+            // The longest answer allowed is a complete one: drop the stream (which stops
+            // an upstream) and deliver what was said.
+            if stats.tokens >= p.max_tokens {
+                return Ok(Generated { passages, usage });
             }
         }
+        // The timer is re-armed lazily (it fires early, then moves on), which is sound
+        // only while deadlines move later. The first chunk swaps the first-token deadline
+        // for the idle deadline, which can be earlier: re-arm once here, or an idle
+        // timeout shorter than the TTFT timeout would wait for the TTFT deadline (or the
+        // next heartbeat) instead.
+        if clock.last_chunk.replace(now).is_none() {
+            timer.as_mut().reset(clock.next(p));
+        }
+    }
+}
+
+/// Resolves when the HTTP/1 socket behind `hangup` hung up; never without one.
+async fn hung_up(hangup: Option<&Hangup>) {
+    match hangup {
+        Some(h) => h.hung_up().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -296,13 +326,13 @@ enum Woke {
 /// has since moved). The caller re-arms it for `clock.next()`.
 fn on_timer(p: &Pipeline, clock: &mut Deadlines, sink: &mut impl Sink) -> Result<(), Outcome> {
     let now = Instant::now();
-    if now >= clock.generator_deadline() {
+    if now >= clock.generator_deadline(p) {
         return Err(Outcome::Failed(match clock.last_chunk {
             None => no_first_token(p.ttft_timeout),
             Some(_) => stalled(p.idle_timeout),
         }));
     }
-    if clock.heartbeat_due().is_some_and(|due| now >= due) {
+    if clock.heartbeat_due(p).is_some_and(|due| now >= due) {
         sink.heartbeat();
         clock.last_event = now;
     }
@@ -423,7 +453,10 @@ mod tests {
         });
         let mut sink = JsonSink::default();
         let mut stats = Stats::default();
-        let gone = pin!(std::future::pending::<()>());
+        let gone = Gone {
+            body: None,
+            hangup: None,
+        };
         let driven = drive(&p, &ask, &mut sink, gone, &mut stats).await;
         let ran = runs.load(Ordering::Relaxed);
         other.abort();

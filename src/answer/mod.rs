@@ -42,7 +42,7 @@ use crate::shutdown::Shutdown;
 use crate::sse::body::{SseSender, TrySendError};
 use crate::wire::{self, Done, Source, TimingField, UsageField};
 use drive::{
-    Driven, Generated, JsonSink, Sink, Stats, StreamSink, catch_unwind, shutting_down, slow_client,
+    Generated, Gone, JsonSink, Stats, StreamSink, catch_unwind, shutting_down, slow_client,
 };
 
 /// What an answer needs from the service: the pipeline, the clocks, the shutdown signal.
@@ -114,17 +114,25 @@ pub(crate) fn stream(
     let mut answer = Settlement::new(&p.metrics, "stream", ask, charge, permit);
     answer.probe = Some(tx.probe());
     async move {
-        let driven = run(
-            &p,
-            &mut answer,
-            &mut StreamSink { tx: &tx },
-            tx.closed(),
-            hangup,
-        )
-        .await;
+        let driven = {
+            let mut sink = StreamSink { tx: &tx };
+            let gone = Gone {
+                body: Some(&tx),
+                hangup: hangup.as_ref(),
+            };
+            let drive = pin!(drive::drive(
+                &p,
+                &answer.ask,
+                &mut sink,
+                gone,
+                &mut answer.stats
+            ));
+            catch_unwind(drive).await
+        };
         let outcome = match driven {
             Ok(generated) => {
                 let done = done_frame(&answer, &generated);
+                drop(generated);
                 deliver_done(&p, tx, done).await
             }
             Err(Outcome::Failed(err)) => {
@@ -192,7 +200,20 @@ pub(crate) async fn json(
     let mut sink = JsonSink::default();
     // Without a hangup watch, a JSON answer learns of a departed client when hyper drops
     // this future.
-    let driven = run(&p, &mut answer, &mut sink, std::future::pending(), hangup).await;
+    let driven = {
+        let gone = Gone {
+            body: None,
+            hangup: hangup.as_ref(),
+        };
+        let drive = pin!(drive::drive(
+            &p,
+            &answer.ask,
+            &mut sink,
+            gone,
+            &mut answer.stats
+        ));
+        catch_unwind(drive).await
+    };
     match driven {
         Ok(generated) => {
             let sources = sources(&generated.passages);
@@ -208,33 +229,6 @@ pub(crate) async fn json(
             answer.finish(ended);
             Err(ApiError::new(ErrorCode::Internal, "the client went away"))
         }
-    }
-}
-
-/// Drives `answer` until it is generated or ends early (a pipeline panic included), ending
-/// it as soon as the client is gone.
-async fn run(
-    p: &Pipeline,
-    answer: &mut Settlement,
-    sink: &mut impl Sink,
-    closed: impl Future<Output = ()>,
-    hangup: Option<Hangup>,
-) -> Driven {
-    let gone = pin!(gone(closed, hangup));
-    let drive = pin!(drive::drive(p, &answer.ask, sink, gone, &mut answer.stats));
-    catch_unwind(drive).await
-}
-
-/// Resolves when the client has gone: `closed` (the body's receiving end was dropped), or
-/// the HTTP/1 socket hung up while hyper was not reading it.
-async fn gone(closed: impl Future<Output = ()>, hangup: Option<Hangup>) {
-    match hangup {
-        None => closed.await,
-        Some(hangup) => tokio::select! {
-            biased;
-            () = closed => {}
-            () = hangup.hung_up() => {}
-        },
     }
 }
 

@@ -330,16 +330,19 @@ impl SseSender {
     /// Resolves when the body is gone: dropped by hyper (the client left), or ended after
     /// yielding the last frame. Cancel-safe, and cheap to keep pinned across a loop.
     pub async fn closed(&self) {
-        poll_fn(|cx| {
-            let mut chan = lock(&self.shared);
-            if chan.body_gone {
-                Poll::Ready(())
-            } else {
-                register(&mut chan.closed_waker, cx);
-                Poll::Pending
-            }
-        })
-        .await
+        poll_fn(|cx| self.poll_closed(cx)).await
+    }
+
+    /// [`closed`](Self::closed) as a poll: lets an answer watch for the body going away
+    /// without keeping a future for it.
+    pub(crate) fn poll_closed(&self, cx: &Context<'_>) -> Poll<()> {
+        let mut chan = lock(&self.shared);
+        if chan.body_gone {
+            Poll::Ready(())
+        } else {
+            register(&mut chan.closed_waker, cx);
+            Poll::Pending
+        }
     }
 
     /// Whether the body is already gone.
@@ -351,6 +354,11 @@ impl SseSender {
     /// yielding it (`Err`). Call after [`send_last`](Self::send_last).
     pub async fn delivered(&self) -> Result<(), Disconnected> {
         self.closed().await;
+        self.delivery()
+    }
+
+    /// Whether the body yielded the last frame; meaningful once it is gone.
+    fn delivery(&self) -> Result<(), Disconnected> {
         match lock(&self.shared).state {
             State::Delivered => Ok(()),
             State::Open | State::Aborted => Err(Disconnected),
@@ -361,8 +369,26 @@ impl SseSender {
     /// then [`delivered`](Self::delivered). Borrows, so a caller that gives up waiting
     /// can still [`abort`](Self::abort).
     pub async fn finish(&self, frame: Bytes) -> Result<(), Disconnected> {
-        self.send_last(frame).await?;
-        self.delivered().await
+        // One poll function rather than the two awaits it stands for: every open answer
+        // ends in this future, and the nested pair kept four times the state.
+        let mut frame = Some(frame);
+        poll_fn(|cx| {
+            if let Some(f) = frame.take() {
+                match self.push(f, true, Some(cx)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Disconnected) => return Poll::Ready(Err(Disconnected)),
+                    Err(TrySendError::Full(f)) => {
+                        frame = Some(f);
+                        return Poll::Pending;
+                    }
+                }
+            }
+            match self.poll_closed(cx) {
+                Poll::Ready(()) => Poll::Ready(self.delivery()),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Ends the stream now: frames the body has not yielded yet are dropped and `frame`
