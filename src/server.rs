@@ -14,14 +14,13 @@
 
 use std::future::Future;
 use std::io;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -43,12 +42,21 @@ const FINAL_FLUSH: Duration = Duration::from_secs(5);
 /// then end the rest with `SHUTTING_DOWN` (refunded) and return.
 pub async fn serve(listener: TcpListener, service: AskService, signal: impl Future<Output = ()>) {
     let config = service.config().clone();
-    let protocols = Arc::new(Protocols::new(&config));
-    let graceful = GracefulShutdown::new();
-    // Closes connections that have not sent a byte yet when the accept loop ends. (Not
-    // the service's drain: a service drained while still accepting answers its health
-    // check with 503, so new connections must still be served.)
-    let stop_silent = CancellationToken::new();
+    // Cancelled when the accept loop ends: connections that have not sent a byte yet
+    // close, the others finish the request in hand and close. (Not the service's drain: a
+    // service drained while still accepting answers its health check with 503, so new
+    // connections must still be served.)
+    let closing = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        protocols: Protocols::new(&config),
+        service: service.clone(),
+        deadlines: Deadlines {
+            head: config.header_timeout,
+            idle: config.idle_connection,
+            slow_client: config.slow_client,
+        },
+        closing: closing.clone(),
+    });
     if let Ok(addr) = listener.local_addr() {
         #[cfg(feature = "tls")]
         let tls = service.tls().is_some();
@@ -67,8 +75,10 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
     let mut signal = pin!(signal);
     // One permit per open connection (`--max-connections`): at the cap the loop waits
     // here, and the kernel's backlog holds new connections, instead of accepting sockets
-    // it cannot serve (or running out of file descriptors).
-    let connections = Arc::new(Semaphore::new(config.max_connections));
+    // it cannot serve (or running out of file descriptors). Holding them all again is
+    // how the shutdown below knows every connection has closed.
+    let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+    let connections = Arc::new(Semaphore::new(all as usize));
     loop {
         let permit = tokio::select! {
             biased;
@@ -94,53 +104,40 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                 tracing::debug!(%peer, error = %e, "could not tune socket");
             }
         }
-        // Subscribed now, so a shutdown that starts while this connection is still
-        // silent waits for it (and the drain below closes it).
-        let watcher = graceful.watcher();
-        let protocols = protocols.clone();
-        let service = service.with_peer(peer);
-        let first_bytes_within = config.header_timeout;
-        let deadlines = (
-            config.header_timeout,
-            config.idle_connection,
-            config.slow_client,
-        );
-        let stop_silent = stop_silent.clone();
+        let shared = shared.clone();
         // Taken now: after a reload, connections accepted from then on get the new one.
         #[cfg(feature = "tls")]
         let tls = service.tls().map(|t| t.acceptor());
+        // This task lives as long as its connection, and an async block keeps everything
+        // it captured for its whole life: so it captures little (what all connections
+        // share is one `Arc`), and builds the connection's service in place.
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = &permit;
             #[cfg(feature = "tls")]
             if let Some(acceptor) = tls {
                 // Boxed: a TLS session is large, and cleartext connections should not
                 // carry room for one in their task.
-                let served = Box::pin(serve_tls(
-                    acceptor,
-                    stream,
-                    &protocols,
-                    service,
-                    watcher,
-                    deadlines,
-                    &stop_silent,
-                ))
-                .await;
+                let served = Box::pin(serve_tls(acceptor, stream, peer, &shared)).await;
                 if let Err(e) = served {
                     tracing::debug!(%peer, error = ?e, "connection ended with an error");
                 }
                 return;
             }
-            let Some((sniffed, first)) = sniff(&stream, first_bytes_within, &stop_silent).await
-            else {
+            let within = shared.deadlines.head;
+            let Some((sniffed, first)) = sniff(&stream, within, &shared.closing).await else {
                 return;
             };
             let (io, hangup) = peer::split(stream, first);
+            let protocols = &shared.protocols;
+            let service = || shared.service.with_peer(peer);
             let served: Result<(), BoxError> = match sniffed {
-                // Inline: this task lives as long as the connection, and hyper's
-                // HTTP/1 connection is less than half the size of hyper-util's enum
-                // over both protocols.
+                // Inline: hyper's HTTP/1 connection is less than half the size of
+                // hyper-util's enum over both protocols.
                 Sniffed::Http1 => {
-                    serve_http1(&protocols.http1, TokioIo::new(io), service, hangup, watcher).await
+                    let service = service().watching(hangup);
+                    serve_http1(&protocols.http1, TokioIo::new(io), service, &shared.closing)
+                        .await
+                        .map_err(Into::into)
                 }
                 // Boxed: h2 connections are few and long-lived.
                 Sniffed::Http2 => {
@@ -149,9 +146,9 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                     Box::pin(serve_http2(
                         &protocols.http2,
                         io,
-                        service,
-                        watcher,
-                        deadlines,
+                        service(),
+                        &shared.closing,
+                        shared.deadlines,
                     ))
                     .await
                 }
@@ -159,11 +156,14 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                 Sniffed::Unsure => {
                     drop(hangup);
                     let activity = Arc::new(Activity::default());
-                    let service = service.counting(activity.clone());
+                    let service = service().counting(activity.clone());
                     let conn = protocols.unsure.serve_connection(TokioIo::new(io), service);
+                    let d = shared.deadlines;
                     tokio::select! {
-                        served = Box::pin(watcher.watch(conn)) => served,
-                        () = activity.expired(deadlines.0, deadlines.1, deadlines.2) => Ok(()),
+                        served = until_closed(Box::pin(conn), &shared.closing, |c| {
+                            c.as_mut().graceful_shutdown();
+                        }) => served,
+                        () = activity.expired(d.head, d.idle, d.slow_client) => Ok(()),
                     }
                 }
             };
@@ -174,15 +174,17 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
     }
 
     drop(listener);
-    stop_silent.cancel();
+    closing.cancel();
     service.shutdown().drain();
+    let open = all as usize - connections.available_permits();
     tracing::info!(
-        connections = graceful.count(),
+        connections = open,
         answers = service.in_flight(),
         grace_secs = config.shutdown_grace.as_secs(),
         "shutting down: draining"
     );
-    let mut closed = pin!(graceful.shutdown());
+    // The permits come back as connections close; the semaphore is never closed.
+    let mut closed = pin!(connections.acquire_many(all));
     if tokio::time::timeout(config.shutdown_grace, &mut closed)
         .await
         .is_err()
@@ -214,24 +216,42 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
     tracing::info!("shut down");
 }
 
-/// The deadlines an h2 connection is held to: its first request, idleness, and a stream
-/// outliving its answer (see `Activity`).
-type Deadlines = (Duration, Duration, Duration);
+/// What every connection task shares.
+struct Shared {
+    protocols: Protocols,
+    /// The service, cloned for each connection with its peer.
+    service: AskService,
+    deadlines: Deadlines,
+    /// Cancelled when the accept loop ends: connections still silent close, the others
+    /// after the request in hand.
+    closing: CancellationToken,
+}
 
-/// Serves HTTP/1.1 on `io`. Its answers watch the socket themselves through `hangup`:
-/// hyper stops reading it while a byte waits behind the request.
-async fn serve_http1<I>(
+/// The deadlines a connection is held to: its first bytes (and, for h2, its first
+/// request), idleness, and an h2 stream outliving its answer (see `Activity`).
+#[derive(Clone, Copy)]
+struct Deadlines {
+    head: Duration,
+    idle: Duration,
+    slow_client: Duration,
+}
+
+/// Serves HTTP/1.1 on `io`. Its answers watch the socket themselves (`service` carries
+/// the hangup): hyper stops reading it while a byte waits behind the request.
+///
+/// Not an `async fn`: the connection's task holds the returned future for the
+/// connection's life, and an `async fn` would keep its arguments there as well.
+fn serve_http1<'a, I>(
     http1: &http1::Builder,
     io: I,
     service: AskService,
-    hangup: peer::Hangup,
-    watcher: Watcher,
-) -> Result<(), BoxError>
+    closing: &'a CancellationToken,
+) -> impl Future<Output = Result<(), hyper::Error>> + use<'a, I>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let conn = http1.serve_connection(io, service.watching(hangup));
-    watcher.watch(conn).await.map_err(Into::into)
+    let conn = http1.serve_connection(io, service);
+    until_closed(conn, closing, |c| Pin::new(c).graceful_shutdown())
 }
 
 /// Serves HTTP/2 on `io`. hyper keeps no head deadline for h2 and no idle deadline at
@@ -241,8 +261,8 @@ async fn serve_http2<I>(
     http2: &http2::Builder<TokioExecutor>,
     io: I,
     service: AskService,
-    watcher: Watcher,
-    deadlines: Deadlines,
+    closing: &CancellationToken,
+    d: Deadlines,
 ) -> Result<(), BoxError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -250,8 +270,39 @@ where
     let activity = Arc::new(Activity::default());
     let conn = http2.serve_connection(io, service.counting(activity.clone()));
     tokio::select! {
-        served = watcher.watch(conn) => served.map_err(Into::into),
-        () = activity.expired(deadlines.0, deadlines.1, deadlines.2) => Ok(()),
+        served = until_closed(conn, closing, |c| Pin::new(c).graceful_shutdown()) => {
+            served.map_err(Into::into)
+        }
+        () = activity.expired(d.head, d.idle, d.slow_client) => Ok(()),
+    }
+}
+
+/// Serves `conn` until it ends. Once `closing` is cancelled, `shutdown` asks it to finish
+/// the requests in hand and close (hyper's graceful shutdown), and it is served until it
+/// has.
+///
+/// hyper-util's graceful watcher does the same with a watch channel, twice the state in
+/// every connection's task; the accept loop's token and its permits already say what it
+/// says (see `serve`).
+///
+/// Not an `async fn`: one would keep `conn` twice, as its argument and as its local.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would store `conn` twice for the connection's life"
+)]
+fn until_closed<'a, C: Future + Unpin + 'a>(
+    mut conn: C,
+    closing: &'a CancellationToken,
+    shutdown: impl FnOnce(&mut C) + 'a,
+) -> impl Future<Output = C::Output> + 'a {
+    async move {
+        tokio::select! {
+            biased;
+            out = &mut conn => return out,
+            () = closing.cancelled() => shutdown(&mut conn),
+        }
+        // By reference: awaiting `conn` itself would move it, and keep a second copy.
+        (&mut conn).await
     }
 }
 
@@ -262,42 +313,37 @@ where
 async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     stream: TcpStream,
-    protocols: &Protocols,
-    service: AskService,
-    watcher: Watcher,
-    deadlines: Deadlines,
-    stop: &CancellationToken,
+    peer: std::net::SocketAddr,
+    shared: &Shared,
 ) -> Result<(), BoxError> {
     let (io, hangup) = peer::split(stream, Vec::new());
     let handshake = tokio::select! {
         biased;
-        () = stop.cancelled() => return Ok(()),
-        done = tokio::time::timeout(deadlines.0, acceptor.accept(io)) => done,
+        () = shared.closing.cancelled() => return Ok(()),
+        done = tokio::time::timeout(shared.deadlines.head, acceptor.accept(io)) => done,
     };
     let session = match handshake {
         Ok(Ok(session)) => session,
         Ok(Err(e)) => return Err(e.into()),
         Err(_) => return Err("the TLS handshake did not complete in time".into()),
     };
+    let service = shared.service.with_peer(peer);
+    let protocols = &shared.protocols;
     if crate::tls::chose_h2(&session) {
         drop(hangup);
+        let io = TokioIo::new(session);
         serve_http2(
             &protocols.http2,
-            TokioIo::new(session),
+            io,
             service,
-            watcher,
-            deadlines,
+            &shared.closing,
+            shared.deadlines,
         )
         .await
     } else {
-        serve_http1(
-            &protocols.http1,
-            TokioIo::new(session),
-            service,
-            hangup,
-            watcher,
-        )
-        .await
+        let io = TokioIo::new(session);
+        let service = service.watching(hangup);
+        Ok(serve_http1(&protocols.http1, io, service, &shared.closing).await?)
     }
 }
 

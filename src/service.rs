@@ -184,11 +184,11 @@ impl AskService {
         }
     }
 
-    /// A clone whose answers also end when `hangup` sees the client leave.
-    pub(crate) fn watching(&self, hangup: Hangup) -> Self {
+    /// This service, its answers also ending when `hangup` sees the client leave.
+    pub(crate) fn watching(self, hangup: Hangup) -> Self {
         AskService {
             hangup: Some(hangup),
-            ..self.clone()
+            ..self
         }
     }
 
