@@ -275,3 +275,42 @@ fn done_frame(answer: &Settlement, generated: &Generated) -> Bytes {
     let sources = sources(&generated.passages);
     wire::done(&done_fields(answer, generated, &sources))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::bm25::Bm25Index;
+    use crate::pipeline::sim::{SimConfig, SimGenerator};
+    use crate::quota::QuotaMap;
+
+    /// Every open stream holds its answer's future, boxed, for the stream's whole life.
+    /// It fits mimalloc's 1 KiB size class; the next class up is 1.25 KiB, and the
+    /// future was 1,496 bytes before nothing in it was kept twice. A change that grows
+    /// it past the class costs every open stream a quarter KiB: this says so at once.
+    #[tokio::test]
+    async fn an_open_answer_fits_in_a_kibibyte() {
+        let p = Arc::new(Pipeline::new(
+            Arc::new(Bm25Index::builtin()),
+            Arc::new(SimGenerator::new(SimConfig::default())),
+            Shutdown::new(),
+            &ServiceConfig::default(),
+        ));
+        let charge = QuotaMap::new(Duration::from_secs(60))
+            .charge_at("u", 10, 0)
+            .expect("a fresh user has quota");
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a free permit");
+        let ask = Ask {
+            id: QueryId::next(),
+            query: Arc::from("How do quota refunds work?"),
+            top_k: 4,
+            user: UserId::of_bearer("u"),
+            received: Instant::now(),
+        };
+        let (tx, _body) = crate::sse::body::channel(4);
+        let answer = stream(p, ask, charge, permit, tx, None);
+        let size = size_of_val(&answer);
+        assert!(size <= 1024, "an answer's future is {size} bytes");
+    }
+}
