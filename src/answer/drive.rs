@@ -121,14 +121,30 @@ impl Sink for JsonSink {
     }
 }
 
+/// A sink the caller keeps, to read it after the answer (the JSON text).
+impl<T: Sink> Sink for &mut T {
+    fn token<'s>(&'s mut self, token: Token, p: &'s Pipeline) -> Result<Option<Wait<'s>>, Outcome> {
+        (**self).token(token, p)
+    }
+
+    fn heartbeat(&mut self) {
+        (**self).heartbeat();
+    }
+
+    fn wants_heartbeat(&self) -> bool {
+        (**self).wants_heartbeat()
+    }
+}
+
 /// The deadlines one answer watches, kept as instants so a token costs two stores and
 /// no timer reset: the single timer is re-armed only when it fires. The timeouts are read
 /// from the [`Pipeline`] rather than copied: this lives in every open answer.
 struct Deadlines {
-    received: Instant,
     heartbeat: bool,
-    /// Last chunk from the generator; `None` until the first.
-    last_chunk: Option<Instant>,
+    /// Whether the generator has sent a chunk yet.
+    chunked: bool,
+    /// The last chunk from the generator; until the first, when the ask arrived.
+    last_chunk: Instant,
     /// Last frame sent to the client, heartbeats included.
     last_event: Instant,
 }
@@ -137,10 +153,12 @@ impl Deadlines {
     // Saturating sums: a setting absurdly high (a heartbeat in the billions of seconds)
     // means "never", not a panic in every answer.
     fn generator_deadline(&self, p: &Pipeline) -> Instant {
-        match self.last_chunk {
-            None => later(self.received, p.ttft_timeout),
-            Some(t) => later(t, p.idle_timeout),
-        }
+        let timeout = if self.chunked {
+            p.idle_timeout
+        } else {
+            p.ttft_timeout
+        };
+        later(self.last_chunk, timeout)
     }
 
     fn heartbeat_due(&self, p: &Pipeline) -> Option<Instant> {
@@ -158,166 +176,193 @@ impl Deadlines {
 ///
 /// Every open answer is this future, so its state is kept lean: the two ends are polled
 /// in place rather than through futures of their own where they can be, and nothing but
-/// a boxed wait lives across a token hand-off.
-pub(super) async fn drive<S: Sink>(
-    p: &Pipeline,
-    ask: &Ask,
-    sink: &mut S,
-    gone: Gone<'_>,
-    stats: &mut Stats,
-) -> Driven {
-    // The two ends no answer can outlast, polled only after one of them woke: the loop
-    // below runs once per token, and they almost never fire.
-    let mut hung_up = pin!(hung_up(gone.hangup));
-    let mut stop = pin!(p.shutdown.stopped());
-    let body = gone.body;
-    let mut ends = Woken::new(poll_fn(move |cx| {
-        // The body first: when both have happened, hyper dropping it is what counts.
-        if body.is_some_and(|tx| tx.poll_closed(cx).is_ready())
-            || hung_up.as_mut().poll(cx).is_ready()
-        {
-            Poll::Ready(Err(Outcome::Disconnected))
-        } else if stop.as_mut().poll(cx).is_ready() {
-            Poll::Ready(Err(Outcome::Failed(shutting_down())))
-        } else {
-            Poll::Pending
-        }
-    }));
-    let mut clock = Deadlines {
-        received: ask.received,
-        heartbeat: sink.wants_heartbeat(),
-        last_chunk: None,
-        // The response head went out at admission: heartbeats count from there, also
-        // while a slow retriever works.
-        last_event: Instant::now(),
-    };
-    // One timer for the whole answer, re-armed only when it fires (see `on_timer`).
-    let mut timer = pin!(sleep_until(clock.next(p)));
+/// a boxed wait lives across a token hand-off. Not an `async fn`, which would keep its
+/// arguments twice (as arguments and as locals).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would store its arguments twice in every open answer"
+)]
+pub(super) fn drive<'a, S: Sink + 'a>(
+    p: &'a Pipeline,
+    ask: &'a Ask,
+    mut sink: S,
+    gone: Gone<'a>,
+    stats: &'a mut Stats,
+) -> impl Future<Output = Driven> + 'a {
+    async move {
+        // The two ends no answer can outlast, polled only after one of them woke: the loop
+        // below runs once per token, and they almost never fire.
+        let mut hung_up = pin!(hung_up(gone.hangup));
+        let mut stop = pin!(p.shutdown.stopped());
+        let body = gone.body;
+        let mut ends = Woken::new(poll_fn(move |cx| {
+            // The body first: when both have happened, hyper dropping it is what counts.
+            if body.is_some_and(|tx| tx.poll_closed(cx).is_ready())
+                || hung_up.as_mut().poll(cx).is_ready()
+            {
+                Poll::Ready(Err(Outcome::Disconnected))
+            } else if stop.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Err(Outcome::Failed(shutting_down())))
+            } else {
+                Poll::Pending
+            }
+        }));
+        let mut clock = Deadlines {
+            heartbeat: sink.wants_heartbeat(),
+            chunked: false,
+            last_chunk: ask.received,
+            // The response head went out at admission: heartbeats count from there, also
+            // while a slow retriever works.
+            last_event: Instant::now(),
+        };
+        // One timer for the whole answer, re-armed only when it fires (see `on_timer`).
+        let mut timer = pin!(sleep_until(clock.next(p)));
 
-    // Retrieval can end in four ways: the client leaves, the server stops, the retriever
-    // answers, or the timer finds the first-token deadline passed (it may only send a
-    // heartbeat). The timer is polled last, so an in-memory retriever, ready at once,
-    // never registers it.
-    let passages: Arc<[Passage]> = {
-        let mut retrieving = p.retriever.retrieve(&ask.query, ask.top_k);
+        // Retrieval can end in four ways: the client leaves, the server stops, the retriever
+        // answers, or the timer finds the first-token deadline passed (it may only send a
+        // heartbeat). The timer is polled last, so an in-memory retriever, ready at once,
+        // never registers it.
+        let passages: Arc<[Passage]> = {
+            let mut retrieving = p.retriever.retrieve(&ask.query, ask.top_k);
+            loop {
+                // Polled by hand like the generation loop below: a `select!` here kept
+                // its own bookkeeping in every answer's state.
+                let woke = poll_fn(|cx| {
+                    if let Poll::Ready(ended) = Pin::new(&mut ends).poll(cx) {
+                        Poll::Ready(Woke::End(ended))
+                    } else if let Poll::Ready(r) = retrieving.as_mut().poll(cx) {
+                        Poll::Ready(Woke::Ready(r))
+                    } else if timer.as_mut().poll(cx).is_ready() {
+                        Poll::Ready(Woke::Timer)
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await;
+                match woke {
+                    Woke::End(ended) => return ended,
+                    Woke::Ready(Ok(found)) => break found.into(),
+                    Woke::Ready(Err(e)) => return Err(Outcome::Failed(pipeline_error(e))),
+                    Woke::Timer => {
+                        on_timer(p, &mut clock, &mut sink)?;
+                        timer.as_mut().reset(clock.next(p));
+                    }
+                }
+            }
+        };
+
+        let mut tokens = p.generator.generate(Prompt {
+            query: ask.query.clone(),
+            passages: passages.clone(),
+        });
+        let mut usage = Usage::default();
+
         loop {
-            tokio::select! {
-                biased;
-                ended = &mut ends => return ended,
-                r = &mut retrieving => match r {
-                    Ok(found) => break found.into(),
-                    Err(e) => return Err(Outcome::Failed(pipeline_error(e))),
-                },
-                () = &mut timer => {
-                    on_timer(p, &mut clock, sink)?;
-                    timer.as_mut().reset(clock.next(p));
+            // What can happen while the answer runs, checked in this order:
+            // - the client goes away (the body was dropped): stop, refund;
+            // - the grace period after a shutdown signal ends: SHUTTING_DOWN, refund;
+            // - the generator yields a token, reports usage, fails, or finishes;
+            // - the timer fires: first-token or idle deadline passed, or a heartbeat is due.
+            // Polled by hand rather than with `select!`: this runs once per token, and the
+            // macro's branch bookkeeping showed in profiles of fast streams.
+            // The task's cooperative budget is spent here, once per chunk: nothing else in
+            // the loop spends it on the fast path, and a generator that is always ready,
+            // read by a connection on another thread, would otherwise never yield.
+            let mut waited = false;
+            // Scoped so that nothing but the boxed wait lives across the hand-off's await:
+            // not what woke the loop, not the token.
+            let (is_token, wait) = {
+                let woke = poll_fn(|cx| {
+                    let Poll::Ready(coop) = tokio::task::coop::poll_proceed(cx) else {
+                        waited = true;
+                        return Poll::Pending;
+                    };
+                    if let Poll::Ready(ended) = Pin::new(&mut ends).poll(cx) {
+                        Poll::Ready(Woke::End(ended))
+                    } else if let Poll::Ready(item) = tokens.as_mut().poll_next(cx) {
+                        coop.made_progress();
+                        Poll::Ready(Woke::Ready(item))
+                    } else if timer.as_mut().poll(cx).is_ready() {
+                        Poll::Ready(Woke::Timer)
+                    } else {
+                        waited = true;
+                        Poll::Pending
+                    }
+                })
+                .await;
+                match woke {
+                    Woke::End(ended) => return ended,
+                    Woke::Ready(Some(Ok(Chunk::Token(t)))) => (true, sink.token(t, p)?),
+                    Woke::Ready(Some(Ok(Chunk::Usage(u)))) => {
+                        usage = u;
+                        (false, None)
+                    }
+                    Woke::Ready(Some(Err(e))) => return Err(Outcome::Failed(pipeline_error(e))),
+                    Woke::Ready(None) => return Ok(Generated { passages, usage }),
+                    Woke::Timer => {
+                        on_timer(p, &mut clock, &mut sink)?;
+                        timer.as_mut().reset(clock.next(p));
+                        continue;
+                    }
+                }
+            };
+            if let Some(wait) = wait {
+                wait.await?;
+                waited = true;
+            }
+            // The clock is read once after each wait rather than once per chunk: chunks that
+            // were ready together share the time of the first (they came within
+            // microseconds; the deadlines they move are seconds away). Read after the
+            // hand-off: a client that kept the token waiting for room must not make the
+            // generator look idle.
+            let now = if clock.chunked && !waited {
+                clock.last_chunk
+            } else {
+                Instant::now()
+            };
+            if is_token {
+                stats.tokens += 1;
+                stats.first_token.get_or_insert(now);
+                clock.last_event = now;
+                // The longest answer allowed is a complete one: drop the stream (which stops
+                // an upstream) and deliver what was said.
+                if stats.tokens >= p.max_tokens {
+                    return Ok(Generated { passages, usage });
                 }
             }
-        }
-    };
-
-    let mut tokens = p.generator.generate(Prompt {
-        query: ask.query.clone(),
-        passages: passages.clone(),
-    });
-    let mut usage = Usage::default();
-
-    loop {
-        // What can happen while the answer runs, checked in this order:
-        // - the client goes away (the body was dropped): stop, refund;
-        // - the grace period after a shutdown signal ends: SHUTTING_DOWN, refund;
-        // - the generator yields a token, reports usage, fails, or finishes;
-        // - the timer fires: first-token or idle deadline passed, or a heartbeat is due.
-        // Polled by hand rather than with `select!`: this runs once per token, and the
-        // macro's branch bookkeeping showed in profiles of fast streams.
-        // The task's cooperative budget is spent here, once per chunk: nothing else in
-        // the loop spends it on the fast path, and a generator that is always ready,
-        // read by a connection on another thread, would otherwise never yield.
-        let mut waited = false;
-        // Scoped so that nothing but the boxed wait lives across the hand-off's await:
-        // not what woke the loop, not the token.
-        let (is_token, wait) = {
-            let woke = poll_fn(|cx| {
-                let Poll::Ready(coop) = tokio::task::coop::poll_proceed(cx) else {
-                    waited = true;
-                    return Poll::Pending;
-                };
-                if let Poll::Ready(ended) = Pin::new(&mut ends).poll(cx) {
-                    Poll::Ready(Woke::End(ended))
-                } else if let Poll::Ready(item) = tokens.as_mut().poll_next(cx) {
-                    coop.made_progress();
-                    Poll::Ready(Woke::Chunk(item))
-                } else if timer.as_mut().poll(cx).is_ready() {
-                    Poll::Ready(Woke::Timer)
-                } else {
-                    waited = true;
-                    Poll::Pending
-                }
-            })
-            .await;
-            match woke {
-                Woke::End(ended) => return ended,
-                Woke::Chunk(Some(Ok(Chunk::Token(t)))) => (true, sink.token(t, p)?),
-                Woke::Chunk(Some(Ok(Chunk::Usage(u)))) => {
-                    usage = u;
-                    (false, None)
-                }
-                Woke::Chunk(Some(Err(e))) => return Err(Outcome::Failed(pipeline_error(e))),
-                Woke::Chunk(None) => return Ok(Generated { passages, usage }),
-                Woke::Timer => {
-                    on_timer(p, &mut clock, sink)?;
-                    timer.as_mut().reset(clock.next(p));
-                    continue;
-                }
+            // The timer is re-armed lazily (it fires early, then moves on), which is sound
+            // only while deadlines move later. The first chunk swaps the first-token deadline
+            // for the idle deadline, which can be earlier: re-arm once here, or an idle
+            // timeout shorter than the TTFT timeout would wait for the TTFT deadline (or the
+            // next heartbeat) instead.
+            clock.last_chunk = now;
+            if !std::mem::replace(&mut clock.chunked, true) {
+                timer.as_mut().reset(clock.next(p));
             }
-        };
-        if let Some(wait) = wait {
-            wait.await?;
-            waited = true;
-        }
-        // The clock is read once after each wait rather than once per chunk: chunks that
-        // were ready together share the time of the first (they came within
-        // microseconds; the deadlines they move are seconds away). Read after the
-        // hand-off: a client that kept the token waiting for room must not make the
-        // generator look idle.
-        let now = match clock.last_chunk {
-            Some(t) if !waited => t,
-            _ => Instant::now(),
-        };
-        if is_token {
-            stats.tokens += 1;
-            stats.first_token.get_or_insert(now);
-            clock.last_event = now;
-            // The longest answer allowed is a complete one: drop the stream (which stops
-            // an upstream) and deliver what was said.
-            if stats.tokens >= p.max_tokens {
-                return Ok(Generated { passages, usage });
-            }
-        }
-        // The timer is re-armed lazily (it fires early, then moves on), which is sound
-        // only while deadlines move later. The first chunk swaps the first-token deadline
-        // for the idle deadline, which can be earlier: re-arm once here, or an idle
-        // timeout shorter than the TTFT timeout would wait for the TTFT deadline (or the
-        // next heartbeat) instead.
-        if clock.last_chunk.replace(now).is_none() {
-            timer.as_mut().reset(clock.next(p));
         }
     }
 }
 
 /// Resolves when the HTTP/1 socket behind `hangup` hung up; never without one.
-async fn hung_up(hangup: Option<&Hangup>) {
-    match hangup {
-        Some(h) => h.hung_up().await,
-        None => std::future::pending().await,
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would store its argument twice in every open answer"
+)]
+fn hung_up(hangup: Option<&Hangup>) -> impl Future<Output = ()> + '_ {
+    async move {
+        match hangup {
+            Some(h) => h.hung_up().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
-/// What one wait of the generation loop ended with.
-enum Woke {
+/// What one wait of the driver ended with: an end, the awaited retrieval or chunk, or
+/// the timer.
+enum Woke<T> {
     /// The client left or the server stopped: always an `Err`.
     End(Driven),
-    Chunk(Option<Result<Chunk, PipelineError>>),
+    Ready(T),
     Timer,
 }
 
@@ -327,9 +372,10 @@ enum Woke {
 fn on_timer(p: &Pipeline, clock: &mut Deadlines, sink: &mut impl Sink) -> Result<(), Outcome> {
     let now = Instant::now();
     if now >= clock.generator_deadline(p) {
-        return Err(Outcome::Failed(match clock.last_chunk {
-            None => no_first_token(p.ttft_timeout),
-            Some(_) => stalled(p.idle_timeout),
+        return Err(Outcome::Failed(if clock.chunked {
+            stalled(p.idle_timeout)
+        } else {
+            no_first_token(p.ttft_timeout)
         }));
     }
     if clock.heartbeat_due(p).is_some_and(|due| now >= due) {
@@ -344,9 +390,12 @@ fn on_timer(p: &Pipeline, clock: &mut Deadlines, sink: &mut impl Sink) -> Result
 /// Takes the future pinned by the caller: an `async fn` that took it by value would keep
 /// it twice in its state (the argument, then the pinned local), doubling every answer's
 /// largest allocation.
-pub(super) async fn catch_unwind(mut fut: Pin<&mut impl Future<Output = Driven>>) -> Driven {
+/// Not an `async fn` either, for the same reason: it returns the poll function itself.
+pub(super) fn catch_unwind<F: Future<Output = Driven>>(
+    mut fut: Pin<&mut F>,
+) -> impl Future<Output = Driven> + '_ {
     poll_fn(
-        |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+        move |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
             Ok(poll) => poll,
             Err(_) => {
                 tracing::error!("the answer pipeline panicked");
@@ -357,7 +406,6 @@ pub(super) async fn catch_unwind(mut fut: Pin<&mut impl Future<Output = Driven>>
             }
         },
     )
-    .await
 }
 
 fn pipeline_error(e: PipelineError) -> ApiError {

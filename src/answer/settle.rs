@@ -41,12 +41,28 @@ impl Outcome {
     }
 }
 
+/// How an answer is delivered, as its log line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Stream,
+    Json,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Stream => "stream",
+            Mode::Json => "json",
+        }
+    }
+}
+
 /// An admitted answer's obligations: its charge, its `--max-streams` permit, and its log
 /// line. [`finish`](Settlement::finish) settles the charge for a delivered answer and
 /// refunds it otherwise; dropping an unfinished settlement (a future dropped by hyper, a
 /// panic outside the pipeline) refunds and logs a disconnect. Either way, exactly once.
 pub(crate) struct Settlement {
-    mode: &'static str,
+    mode: Mode,
     pub(super) ask: Ask,
     pub(super) stats: Stats,
     charge: Option<Charge>,
@@ -60,7 +76,7 @@ pub(crate) struct Settlement {
 impl Settlement {
     pub(super) fn new(
         metrics: &Arc<Metrics>,
-        mode: &'static str,
+        mode: Mode,
         ask: Ask,
         charge: Charge,
         permit: OwnedSemaphorePermit,
@@ -100,7 +116,7 @@ impl Settlement {
         tracing::info!(
             query_id = %self.ask.id,
             user = %self.ask.user,
-            mode = self.mode,
+            mode = self.mode.as_str(),
             outcome = outcome.as_str(),
             ttft_ms,
             tokens = self.stats.tokens,

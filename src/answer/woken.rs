@@ -18,9 +18,9 @@ use std::task::{Context, Poll, Wake, Waker};
 /// its wake-ups do not reach it.
 pub(super) struct Woken<F> {
     fut: F,
+    /// Also the inner future's waker, made at each of its (rare) polls rather than kept:
+    /// this is part of every open answer.
     flag: Arc<Flag>,
-    /// The inner future's waker (the flag's), made once.
-    inner: Waker,
     /// The task waker last handed to the flag, to hand it again only when it changes.
     task: Option<Waker>,
 }
@@ -60,7 +60,6 @@ impl<F: Future + Unpin> Woken<F> {
         });
         Woken {
             fut,
-            inner: Waker::from(flag.clone()),
             flag,
             task: None,
         }
@@ -88,7 +87,8 @@ impl<F: Future + Unpin> Future for Woken<F> {
         if !this.flag.woken.swap(false, Ordering::Acquire) {
             return Poll::Pending;
         }
-        Pin::new(&mut this.fut).poll(&mut Context::from_waker(&this.inner))
+        let inner = Waker::from(this.flag.clone());
+        Pin::new(&mut this.fut).poll(&mut Context::from_waker(&inner))
     }
 }
 
