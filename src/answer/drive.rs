@@ -453,8 +453,6 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::answer::QueryId;
-    use crate::auth::UserId;
     use crate::config::ServiceConfig;
     use crate::pipeline::bm25::Bm25Index;
     use crate::pipeline::sim::{SimConfig, SimGenerator};
@@ -482,13 +480,7 @@ mod tests {
             Shutdown::new(),
             &config,
         );
-        let ask = Ask {
-            id: QueryId::next(),
-            query: Arc::from("How do quota refunds work?"),
-            top_k: 4,
-            user: UserId::of_bearer("u"),
-            received: Instant::now(),
-        };
+        let ask = Ask::example();
         let runs = Arc::new(AtomicUsize::new(0));
         let other = tokio::spawn({
             let runs = runs.clone();

@@ -99,6 +99,20 @@ pub(crate) struct Ask {
     pub(crate) received: Instant,
 }
 
+#[cfg(test)]
+impl Ask {
+    /// An ask about quota refunds from user `u`, received now, for the driver's tests.
+    pub(crate) fn example() -> Ask {
+        Ask {
+            id: QueryId::next(),
+            query: Arc::from("How do quota refunds work?"),
+            top_k: 4,
+            user: UserId::of_bearer("u"),
+            received: Instant::now(),
+        }
+    }
+}
+
 /// Streams one answer into `tx`; owns the charge and settles or refunds it exactly once.
 ///
 /// Not an `async fn`: the settlement is built before the future, so the future holds it
@@ -301,13 +315,7 @@ mod tests {
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .expect("a free permit");
-        let ask = Ask {
-            id: QueryId::next(),
-            query: Arc::from("How do quota refunds work?"),
-            top_k: 4,
-            user: UserId::of_bearer("u"),
-            received: Instant::now(),
-        };
+        let ask = Ask::example();
         let (tx, _body) = crate::sse::body::channel(4);
         let answer = stream(p, ask, charge, permit, tx, None);
         let size = size_of_val(&answer);
