@@ -129,23 +129,22 @@ pub(crate) fn stream(
     let mut answer = Settlement::new(&p.metrics, Mode::Stream, ask, charge, permit);
     answer.probe = Some(tx.probe());
     async move {
+        // The driver is pinned here rather than in a helper shared with `json`: one more
+        // future level would add its captures to every open answer (48 bytes, past the
+        // size class the test below holds it to).
         let driven = {
             let gone = Gone {
                 body: Some(&tx),
                 hangup: hangup.as_ref(),
             };
-            let drive = pin!(drive::drive(
-                &p,
-                &answer.ask,
-                StreamSink { tx: &tx },
-                gone,
-                &mut answer.stats
-            ));
+            let sink = StreamSink { tx: &tx };
+            let drive = pin!(drive::drive(&p, &answer.ask, sink, gone, &mut answer.stats));
             catch_unwind(drive).await
         };
         let outcome = match driven {
             Ok(generated) => {
                 let done = done_frame(&answer, &generated);
+                // The passages are in the frame now: not kept while delivery waits.
                 drop(generated);
                 deliver_done(&p, tx, done).await
             }
