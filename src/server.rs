@@ -22,6 +22,7 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -365,7 +366,23 @@ async fn sniff(
             stream.readable().await?;
             // Only now: a connection that stays silent (slowloris) holds no buffer.
             first.reserve_exact(FIRST_READ);
-            match stream.try_read_buf(&mut first) {
+            // A short read took all the socket held. Reported to the runtime as a
+            // would-block, it clears the read readiness seen before the read, so hyper,
+            // done with these bytes, waits for the next event instead of making a system
+            // call that finds the socket empty. Bytes that arrive after the read are a
+            // new event, which the clear does not touch.
+            let mut short = false;
+            let read = stream.try_io(Interest::READABLE, || {
+                let n = stream.try_read_buf(&mut first)?;
+                short = n > 0 && n < FIRST_READ;
+                if short {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(n)
+                }
+            });
+            match read {
+                _ if short => return Ok(first),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 read => return read.map(|_| first),
             }

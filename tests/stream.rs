@@ -173,6 +173,32 @@ async fn keep_alive_serves_asks_back_to_back() {
     assert_eq!(conn.read_body(&head).await, b"ok\n");
 }
 
+/// A body sent only once the server has read the head and asked for the rest: the
+/// connection's first read took all the socket held (and told the runtime so), yet the
+/// bytes that come later are still read and answered.
+#[tokio::test]
+async fn a_body_sent_after_100_continue_is_read_and_answered() {
+    let server = TestServer::start(fast_config()).await;
+    let mut conn = RawConn::connect(server.addr).await;
+    let body = ask_body("How do quota refunds work?");
+    conn.send(
+        format!(
+            "POST {ASK_STREAM} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nexpect: 100-continue\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    // hyper sends this only when the service reads the body: the head was read by then.
+    let interim = conn.read_head().await;
+    assert_eq!(interim.status, 100);
+    conn.send(body.as_bytes()).await;
+    let head = conn.read_head().await;
+    assert_eq!(head.status, 200);
+    let (events, _) = parse_sse(&conn.read_body(&head).await);
+    assert_eq!(events.last().unwrap()["type"], "done");
+}
 /// The crate's own decoder, fed a real response split at every byte, sees exactly the
 /// events the simplest parser sees.
 #[tokio::test]
