@@ -30,7 +30,7 @@ fn answer_stream() -> Vec<u8> {
     let passages = Bm25Index::builtin().search(query, 4);
     let sources: Vec<_> = passages
         .iter()
-        .map(|p| json!({"id": &*p.id, "title": &*p.title, "score": p.score}))
+        .map(|p| json!({"id": &*p.stored.id, "title": &*p.stored.title, "score": p.score}))
         .collect();
     let prompt = Prompt {
         query: query.into(),

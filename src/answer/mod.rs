@@ -249,10 +249,10 @@ fn sources(passages: &[Passage]) -> Vec<Source<'_>> {
     passages
         .iter()
         .map(|p| Source {
-            id: &p.id,
-            title: &p.title,
+            id: &p.stored.id,
+            title: &p.stored.title,
             score: p.score,
-            url: p.url.as_deref(),
+            url: p.stored.url.as_deref(),
         })
         .collect()
 }

@@ -23,10 +23,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::corpus;
 pub use super::corpus::Document;
-use super::{BoxFuture, Passage, PipelineError, Retriever};
+use super::{BoxFuture, Passage, PipelineError, Retriever, StoredPassage};
 
 /// BM25 term-frequency saturation.
 const K1: f32 = 1.2;
@@ -48,7 +49,7 @@ const MAX_PASSAGE_BYTES: usize = 2000;
 pub struct Bm25Index {
     /// Every passage, in corpus order, with `score` 0; hits are cloned (refcount bumps)
     /// with their score filled in.
-    passages: Vec<Passage>,
+    passages: Vec<Arc<StoredPassage>>,
     /// Term → row of `postings`.
     terms: HashMap<Box<str>, u32>,
     /// Per term: `(passage, term frequency)`, ascending by passage.
@@ -115,13 +116,12 @@ impl Bm25Index {
 
     fn add(&mut self, doc: &Document, number: usize, text: &str, terms: &mut [String]) {
         let pid = u32::try_from(self.passages.len()).expect("fewer than 2^32 passages");
-        self.passages.push(Passage {
+        self.passages.push(Arc::new(StoredPassage {
             id: format!("{}#{number}", doc.id).into(),
             title: doc.title.clone(),
             url: doc.url.clone(),
-            score: 0.0,
             text: text.into(),
-        });
+        }));
         // Sorting groups equal terms, so each run is one (term, frequency) posting.
         terms.sort_unstable();
         let mut i = 0;
@@ -226,8 +226,8 @@ impl Bm25Index {
         hits.sort_unstable_by(best_first);
         hits.into_iter()
             .map(|pid| Passage {
+                stored: self.passages[pid as usize].clone(),
                 score: scores[pid as usize],
-                ..self.passages[pid as usize].clone()
             })
             .collect()
     }
@@ -531,13 +531,25 @@ mod tests {
         ] {
             let hits = index.search(q, 4);
             assert!(!hits.is_empty(), "{q}");
-            assert!(hits[0].id.starts_with("quota.md#"), "{q}: {:?}", hits[0].id);
-            assert_eq!(&*hits[0].title, "Quotas and exactly-once refunds");
+            assert!(
+                hits[0].stored.id.starts_with("quota.md#"),
+                "{q}: {:?}",
+                hits[0].stored.id
+            );
+            assert_eq!(&*hits[0].stored.title, "Quotas and exactly-once refunds");
         }
         let hits = index.search("nginx proxy_buffering", 2);
-        assert!(hits[0].id.starts_with("proxies.md#"), "{:?}", hits[0].id);
+        assert!(
+            hits[0].stored.id.starts_with("proxies.md#"),
+            "{:?}",
+            hits[0].stored.id
+        );
         let hits = index.search("日本語", 2);
-        assert!(hits[0].id.starts_with("i18n.md#"), "{:?}", hits[0].id);
+        assert!(
+            hits[0].stored.id.starts_with("i18n.md#"),
+            "{:?}",
+            hits[0].stored.id
+        );
     }
 
     #[test]
@@ -563,7 +575,8 @@ mod tests {
             "proxy buffering",
         ] {
             let all = index.search(q, 10_000);
-            let ids = |hits: &[Passage]| hits.iter().map(|p| p.id.clone()).collect::<Vec<_>>();
+            let ids =
+                |hits: &[Passage]| hits.iter().map(|p| p.stored.id.clone()).collect::<Vec<_>>();
             for k in 1..=all.len() + 1 {
                 let top = index.search(q, k);
                 assert_eq!(ids(&top), ids(&all[..k.min(all.len())]), "{q}, k = {k}");
@@ -593,7 +606,7 @@ mod tests {
             doc("c.md", "other words"),
         ]);
         let hits = index.search("event", 5);
-        let ids: Vec<_> = hits.iter().map(|p| &*p.id).collect();
+        let ids: Vec<_> = hits.iter().map(|p| &*p.stored.id).collect();
         assert_eq!(ids, ["b.md#1", "a.md#1"]);
         assert_eq!(hits[0].score, hits[1].score);
     }
@@ -640,10 +653,10 @@ mod tests {
         )]);
         assert_eq!(index.passages(), 2);
         let hit = &index.search("oranges", 5)[0];
-        assert_eq!(&*hit.id, "guide.md#2");
-        assert_eq!(&*hit.title, "Guide");
-        assert_eq!(hit.url.as_deref(), Some("https://example.com/guide"));
-        assert!(hit.text.starts_with("The second"));
+        assert_eq!(&*hit.stored.id, "guide.md#2");
+        assert_eq!(&*hit.stored.title, "Guide");
+        assert_eq!(hit.stored.url.as_deref(), Some("https://example.com/guide"));
+        assert!(hit.stored.text.starts_with("The second"));
     }
 
     #[test]
@@ -658,9 +671,9 @@ mod tests {
         assert_eq!(index.passages(), 2);
         let hits = index.search("nginx", 3);
         assert_eq!(hits.len(), 1);
-        assert_eq!(&*hits[0].id, "notes/deploy.md#1");
-        assert_eq!(&*hits[0].title, "Deploying");
-        assert_eq!(&*index.search("kitten", 3)[0].id, "faq.txt#1");
+        assert_eq!(&*hits[0].stored.id, "notes/deploy.md#1");
+        assert_eq!(&*hits[0].stored.title, "Deploying");
+        assert_eq!(&*index.search("kitten", 3)[0].stored.id, "faq.txt#1");
     }
 
     #[test]

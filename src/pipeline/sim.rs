@@ -203,7 +203,7 @@ impl WordCache {
             if total >= n {
                 break;
             }
-            if let Some(words) = self.words(&passage.text) {
+            if let Some(words) = self.words(&passage.stored.text) {
                 total += words.words.len();
                 lists.push(words);
             }
@@ -491,16 +491,18 @@ mod tests {
     use std::task::Waker;
 
     use super::*;
-    use crate::pipeline::Passage;
     use crate::pipeline::bm25::Bm25Index;
+    use crate::pipeline::{Passage, StoredPassage};
 
     fn passage(id: &str, text: &str) -> Passage {
         Passage {
-            id: id.into(),
-            title: "T".into(),
-            url: None,
+            stored: Arc::new(StoredPassage {
+                id: id.into(),
+                title: "T".into(),
+                url: None,
+                text: text.into(),
+            }),
             score: 1.0,
-            text: text.into(),
         }
     }
 
@@ -722,7 +724,7 @@ mod tests {
     fn builtin_corpus_answer_starts_with_the_top_passage() {
         let index = Bm25Index::builtin();
         let passages = index.search("how are quotas refunded", 4);
-        let top = passages[0].text.clone();
+        let top = passages[0].stored.text.clone();
         let first_word = top
             .split_whitespace()
             .find(|w| w.chars().any(char::is_alphanumeric));

@@ -163,10 +163,10 @@ If the sources do not contain the answer, say that you do not know.";
         }
         let len = passages
             .iter()
-            .map(|p| p.title.len() + p.id.len() + p.text.len() + 16)
+            .map(|p| p.stored.title.len() + p.stored.id.len() + p.stored.text.len() + 16)
             .sum();
         let mut out = String::with_capacity(len);
-        for (i, p) in passages.iter().enumerate() {
+        for (i, p) in passages.iter().map(|p| &p.stored).enumerate() {
             if i > 0 {
                 out.push_str("\n\n");
             }
@@ -194,14 +194,18 @@ impl PromptBuilder for PromptTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::StoredPassage;
+    use std::sync::Arc;
 
     fn passage(id: &str, title: &str, text: &str) -> Passage {
         Passage {
-            id: id.into(),
-            title: title.into(),
-            url: None,
+            stored: Arc::new(StoredPassage {
+                id: id.into(),
+                title: title.into(),
+                url: None,
+                text: text.into(),
+            }),
             score: 1.0,
-            text: text.into(),
         }
     }
 
