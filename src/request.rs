@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Uri, header};
+use http::{HeaderMap, Uri, Version, header};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
@@ -50,6 +50,30 @@ pub(crate) fn stream_mode(uri: &Uri) -> Result<bool, ApiError> {
         };
     }
     Ok(mode)
+}
+
+/// Whether the connection stays open after this response, as hyper decides it: on
+/// HTTP/1.1 unless the client sent `connection: close`, on HTTP/1.0 only if it sent
+/// `connection: keep-alive`, never on HTTP/2 (whose streams have no such header).
+///
+/// A streaming response says `connection: keep-alive` only then (contract §1.1). To a
+/// client that asked to close, hyper adds `connection: close` itself; saying both would
+/// contradict it, and hyper would keep the second value's allocation for as long as the
+/// stream runs.
+pub(crate) fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match version {
+        Version::HTTP_11 => !has("close"),
+        Version::HTTP_10 => has("keep-alive"),
+        _ => false,
+    }
 }
 
 /// Refuses a `content-type` that is present and is not JSON (`application/json` or any
@@ -169,6 +193,37 @@ mod tests {
 
     fn uri(s: &str) -> Uri {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn keeps_alive_follows_the_version_and_the_connection_tokens() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONNECTION, v.parse().unwrap());
+            }
+            h
+        };
+        let v11 = Version::HTTP_11;
+        let v10 = Version::HTTP_10;
+        assert!(keeps_alive(v11, &with(&[])));
+        assert!(keeps_alive(v11, &with(&["keep-alive"])));
+        assert!(
+            keeps_alive(v11, &with(&["upgrade, closed"])),
+            "a whole token only"
+        );
+        assert!(!keeps_alive(v11, &with(&["close"])));
+        assert!(!keeps_alive(v11, &with(&["Keep-Alive, CLOSE"])));
+        assert!(
+            !keeps_alive(v11, &with(&["te", " close "])),
+            "any of the headers"
+        );
+        assert!(!keeps_alive(v10, &with(&[])));
+        assert!(keeps_alive(v10, &with(&["Keep-Alive"])));
+        assert!(
+            !keeps_alive(Version::HTTP_2, &with(&[])),
+            "no such header on h2"
+        );
     }
 
     #[test]

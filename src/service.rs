@@ -20,7 +20,7 @@ use std::task::Context;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use hyper::service::Service;
 use tokio::sync::Semaphore;
@@ -357,7 +357,9 @@ impl AskService {
             }
         };
         let mode = if stream {
-            Mode::Sse(req.version())
+            Mode::Sse {
+                keep_alive: request::keeps_alive(req.version(), req.headers()),
+            }
         } else {
             Mode::Json
         };
@@ -390,7 +392,7 @@ impl AskService {
         }
         request::check_content_type(req.headers())?;
         let identity = self.identify(&req)?;
-        let version = req.version();
+        let keep_alive = request::keeps_alive(req.version(), req.headers());
         let body = request::read_body(
             req.into_body(),
             inner.config.max_body_bytes,
@@ -444,7 +446,7 @@ impl AskService {
             return Ok(sse_response(
                 StatusCode::OK,
                 AskBody::sse(body),
-                version,
+                keep_alive,
                 Some(query_id),
             ));
         }
@@ -560,11 +562,12 @@ fn query_id_header(id: &QueryId) -> HeaderValue {
     HeaderValue::from_str(id.as_str()).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
-/// How an error must be rendered: a JSON body, or one SSE event for a streaming ask.
+/// How an error must be rendered: a JSON body, or one SSE event for a streaming ask
+/// (whose head says `connection: keep-alive` when the connection stays open).
 #[derive(Clone, Copy)]
 enum Mode {
     Json,
-    Sse(Version),
+    Sse { keep_alive: bool },
 }
 
 /// The one place an error becomes a response.
@@ -574,10 +577,10 @@ fn error_response(err: &ApiError, mode: Mode) -> Response<AskBody> {
     }
     let mut res = match mode {
         Mode::Json => json_response(err.code.status(), err.to_json()),
-        Mode::Sse(version) => sse_response(
+        Mode::Sse { keep_alive } => sse_response(
             err.code.status(),
             AskBody::full(err.to_event()),
-            version,
+            keep_alive,
             None,
         ),
     };
@@ -598,7 +601,7 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<AskBody> {
 fn sse_response(
     status: StatusCode,
     body: AskBody,
-    version: Version,
+    keep_alive: bool,
     query_id: Option<HeaderValue>,
 ) -> Response<AskBody> {
     let mut res = Response::new(body);
@@ -610,8 +613,8 @@ fn sse_response(
     if let Some(id) = query_id {
         h.insert(X_QUERY_ID, id);
     }
-    // `connection` is illegal in HTTP/2 and meaningless in HTTP/3.
-    if version <= Version::HTTP_11 {
+    // Never on HTTP/2, where `connection` is illegal (`keep_alive` is false there).
+    if keep_alive {
         h.insert(header::CONNECTION, KEEP_ALIVE);
     }
     res

@@ -8,6 +8,33 @@ use support::{RawConn, TestServer, answer_text, ask, ask_body, fast_config, pars
 
 const ASK_STREAM: &str = "/api/v1/ai/ask?stream=true";
 
+/// A client that asks to close gets `connection: close` alone, never beside
+/// `keep-alive`, and the connection closes after the whole answer.
+#[tokio::test]
+async fn a_stream_for_a_client_that_closes_says_close_only() {
+    let server = TestServer::start(fast_config()).await;
+    let mut c = RawConn::connect(server.addr).await;
+    c.post(
+        ASK_STREAM,
+        &ask_body("How do quota refunds work?"),
+        "connection: close\r\n",
+    )
+    .await;
+    let head = c.read_head().await;
+    assert_eq!(head.status, 200);
+    let connection: Vec<&str> = head
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(connection, ["close"]);
+    let body = c.read_body(&head).await;
+    let (events, _) = parse_sse(&body);
+    assert_eq!(events.last().unwrap()["type"], "done");
+    assert!(c.read_to_eof().await.is_empty(), "closed after the answer");
+}
+
 #[tokio::test]
 async fn stream_headers_events_and_done() {
     let mut config = fast_config();
