@@ -200,7 +200,7 @@ impl Metrics {
         self.disconnect_lag.render(
             &mut out,
             "askstream_disconnect_detection_seconds",
-            "Time from the connection dropping an answer's body to the answer stopping.",
+            "Time from the client being seen to leave (its connection hung up, or dropped the answer's body) to the answer stopping.",
         );
         out
     }

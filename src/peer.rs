@@ -9,7 +9,10 @@
 //! although nothing was delivered, and an idle stream runs on (contract §1.3).
 //!
 //! So the socket is hyper's IO through [`PeerIo`], and an answer in flight watches the same
-//! socket's readiness through a [`Hangup`]. A FIN or RST ends the answer at once. Bytes the
+//! socket's readiness through a [`Hangup`]. A FIN or RST ends the answer at once. Since
+//! the watch sees every hang-up, hyper's own is turned off (`half_close`) on the
+//! connections that have one: hyper then reads only between requests, not each time it
+//! wakes to write. Bytes the
 //! client sends meanwhile are read ahead into a small buffer that hyper reads first, so
 //! their readiness can be cleared and the next event seen; no byte is lost or reordered.
 //! Once the hangup is seen, the connection's writes fail, so hyper closes it rather than
@@ -171,7 +174,8 @@ impl std::fmt::Debug for Hangup {
 impl Hangup {
     /// Resolves once the client has closed its side of the connection (FIN or RST), and
     /// from then on refuses the connection's writes. A half-close counts as leaving, as
-    /// it does for hyper (`half_close` off).
+    /// it does for hyper by default: hyper's own watch is off on these connections, so
+    /// this one decides.
     pub(crate) async fn hung_up(&self) {
         let shared = &*self.0;
         loop {

@@ -450,7 +450,14 @@ impl Protocols {
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_timeout)
             .max_buf_size(config.max_header_bytes)
-            .writev(false);
+            .writev(false)
+            // Every answer on these connections watches the socket for the client leaving
+            // (`peer::Hangup`, which counts a half-close as leaving). With hyper's own
+            // watch off, it stops polling the socket for end-of-file each time it wakes
+            // to write a frame: a readiness check, a lock and a waker swap per token.
+            // Between requests it reads as always. (`unsure` keeps hyper's watch: its
+            // connections have no hangup.)
+            .half_close(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         h2_settings(&mut http2, config);
         let mut unsure = auto::Builder::new(TokioExecutor::new());

@@ -301,7 +301,8 @@ async fn rst_during_a_json_answer_refunds() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. Half-close: read-EOF means the client left (hyper's default `half_close = false`).
+// 4. Half-close: read-EOF means the client left (the answer's hangup watch decides; hyper's
+// own is off).
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_after_the_head_ends_the_stream_and_refunds() {

@@ -197,9 +197,11 @@ pub(super) fn drive<'a, S: Sink + 'a>(
         let body = gone.body;
         let mut ends = Woken::new(poll_fn(move |cx| {
             // The body first: when both have happened, hyper dropping it is what counts.
-            if body.is_some_and(|tx| tx.poll_closed(cx).is_ready())
-                || hung_up.as_mut().poll(cx).is_ready()
-            {
+            if body.is_some_and(|tx| tx.poll_closed(cx).is_ready()) {
+                Poll::Ready(Err(Outcome::Disconnected))
+            } else if hung_up.as_mut().poll(cx).is_ready() {
+                // Seen here before hyper drops the body (it no longer reads mid-answer).
+                body.inspect(|tx| tx.client_left());
                 Poll::Ready(Err(Outcome::Disconnected))
             } else if stop.as_mut().poll(cx).is_ready() {
                 Poll::Ready(Err(Outcome::Failed(shutting_down())))

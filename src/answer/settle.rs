@@ -131,7 +131,7 @@ impl Settlement {
             .and_then(Probe::first_frame_at)
             .map(|t| t - self.ask.received);
         let disconnect_lag = match outcome {
-            Outcome::Disconnected => probe.and_then(Probe::dropped_at).map(|t| t.elapsed()),
+            Outcome::Disconnected => probe.and_then(Probe::lost_at).map(|t| t.elapsed()),
             _ => None,
         };
         self.metrics

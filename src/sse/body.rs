@@ -89,9 +89,10 @@ struct Chan {
     /// When the body yielded its first event (a `data:` frame; heartbeat comments do not
     /// count): the server-side time to first token.
     first_yield: Option<Instant>,
-    /// When hyper dropped the body before it ended: the moment the client was lost, from
-    /// which the producer's detection lag is measured.
-    dropped: Option<Instant>,
+    /// When the client was seen to leave before the body ended: hyper dropped the body,
+    /// or the connection's hang-up watch fired ([`SseSender::client_left`]). The
+    /// producer's detection lag is measured from it.
+    lost: Option<Instant>,
     /// When the sender went (the answer ended), for a body that outlives its answer
     /// because the client does not read what is left.
     sender_dropped: Option<Instant>,
@@ -144,7 +145,7 @@ pub fn channel(capacity: usize) -> (SseSender, SseBody) {
         room_waker: None,
         closed_waker: None,
         first_yield: None,
-        dropped: None,
+        lost: None,
         sender_dropped: None,
     }));
     let body = SseBody {
@@ -175,7 +176,7 @@ impl Drop for SseBody {
     fn drop(&mut self) {
         let mut chan = lock(&self.shared);
         if !self.ended {
-            chan.dropped = Some(Instant::now());
+            chan.lost.get_or_insert_with(Instant::now);
         }
         let wake = chan.body_ends();
         drop(chan);
@@ -330,6 +331,12 @@ impl SseSender {
         Ok(())
     }
 
+    /// The client was seen to leave by other means than hyper dropping the body (the
+    /// connection's hang-up watch): the moment the detection lag is measured from.
+    pub(crate) fn client_left(&self) {
+        lock(&self.shared).lost.get_or_insert_with(Instant::now);
+    }
+
     /// Resolves when the body is gone: dropped by hyper (the client left), or ended after
     /// yielding the last frame. Cancel-safe, and cheap to keep pinned across a loop.
     pub async fn closed(&self) {
@@ -451,9 +458,9 @@ impl Probe {
         lock(&self.shared).first_yield
     }
 
-    /// When hyper dropped the body before it ended (the client left), if it did.
-    pub(crate) fn dropped_at(&self) -> Option<Instant> {
-        lock(&self.shared).dropped
+    /// When the client was seen to leave before the body ended, if it was.
+    pub(crate) fn lost_at(&self) -> Option<Instant> {
+        lock(&self.shared).lost
     }
 
     /// Since when the body has outlived its answer (the sender is gone but the body has
@@ -473,7 +480,7 @@ impl std::fmt::Debug for Probe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Probe")
             .field("first_frame_at", &self.first_frame_at())
-            .field("dropped_at", &self.dropped_at())
+            .field("lost_at", &self.lost_at())
             .finish()
     }
 }
@@ -537,20 +544,23 @@ mod tests {
         assert_eq!(probe.first_frame_at(), None, "queued is not yielded");
         next(&mut body).await.unwrap();
         assert!(probe.first_frame_at().is_some());
-        assert_eq!(probe.dropped_at(), None);
+        assert_eq!(probe.lost_at(), None);
         drop(body);
-        assert!(probe.dropped_at().is_some(), "dropped before its end");
+        assert!(probe.lost_at().is_some(), "dropped before its end");
 
         let (tx, mut body) = channel(1);
         let probe = tx.probe();
         tx.send_last(Bytes::from_static(b"done")).await.unwrap();
         next(&mut body).await.unwrap();
         drop(body);
-        assert_eq!(
-            probe.dropped_at(),
-            None,
-            "a body that ended was not cut short"
-        );
+        assert_eq!(probe.lost_at(), None, "a body that ended was not cut short");
+
+        let (tx, body) = channel(1);
+        let probe = tx.probe();
+        tx.client_left();
+        let seen = probe.lost_at().expect("the hang-up counts as the loss");
+        drop(body);
+        assert_eq!(probe.lost_at(), Some(seen), "the first sighting stays");
     }
 
     #[tokio::test]
