@@ -12,10 +12,11 @@
 //! HTTP/1 read buffer double to 16 KB for the connection's whole life: an idle stream's
 //! largest single cost; see `Sniffed`.)
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -286,6 +287,11 @@ where
 /// every connection's task; the accept loop's token and its permits already say what it
 /// says (see `serve`).
 ///
+/// The token's wait is polled once, to register the task's waker, and again only once
+/// the token is cancelled: an HTTP/1 stream's task wakes for every frame, and a `select!`
+/// polled the wait each time (a lock and a waker comparison per token). A task's waker
+/// does not change, so the first registration stands.
+///
 /// Not an `async fn`: one would keep `conn` twice, as its argument and as its local.
 #[expect(
     clippy::manual_async_fn,
@@ -297,11 +303,27 @@ fn until_closed<'a, C: Future + Unpin + 'a>(
     shutdown: impl FnOnce(&mut C) + 'a,
 ) -> impl Future<Output = C::Output> + 'a {
     async move {
-        tokio::select! {
-            biased;
-            out = &mut conn => return out,
-            () = closing.cancelled() => shutdown(&mut conn),
+        {
+            let mut cancelled = pin!(closing.cancelled());
+            let mut registered = false;
+            let served = poll_fn(|cx| {
+                if let Poll::Ready(out) = Pin::new(&mut conn).poll(cx) {
+                    return Poll::Ready(Some(out));
+                }
+                if !registered || closing.is_cancelled() {
+                    registered = true;
+                    if cancelled.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            if let Some(out) = served {
+                return out;
+            }
         }
+        shutdown(&mut conn);
         // By reference: awaiting `conn` itself would move it, and keep a second copy.
         (&mut conn).await
     }
