@@ -363,7 +363,7 @@ impl AskService {
         } else {
             Mode::Json
         };
-        match self.clone().admit(req, stream, received).await {
+        match self.clone().admit(req, mode, received).await {
             Ok(res) => res,
             Err(e) => {
                 self.metrics().rejected(e.code);
@@ -372,11 +372,12 @@ impl AskService {
         }
     }
 
-    /// Runs every check, charges the quota and starts the answer.
+    /// Runs every check, charges the quota and starts the answer, streaming it for
+    /// [`Mode::Sse`].
     async fn admit<B>(
         self,
         req: Request<B>,
-        stream: bool,
+        mode: Mode,
         received: Instant,
     ) -> Result<Response<AskBody>, ApiError>
     where
@@ -392,7 +393,6 @@ impl AskService {
         }
         request::check_content_type(req.headers())?;
         let identity = self.identify(&req)?;
-        let keep_alive = request::keeps_alive(req.version(), req.headers());
         let body = request::read_body(
             req.into_body(),
             inner.config.max_body_bytes,
@@ -421,7 +421,7 @@ impl AskService {
             received,
         };
         let query_id = query_id_header(&ask.id);
-        if stream {
+        if let Mode::Sse { keep_alive } = mode {
             let (tx, body) = channel(inner.config.stream_buffer);
             if let Some(activity) = &self.activity {
                 activity.track(tx.probe());
