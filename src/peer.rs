@@ -18,11 +18,14 @@
 //! Once the hangup is seen, the connection's writes fail, so hyper closes it rather than
 //! serve the requests the client left behind.
 //!
-//! The socket has one registration with the runtime: hyper's reads and writes use its
-//! reader and writer slots (`poll_read_ready`, `poll_write_ready`), the watch its waiter
-//! list (`ready`), so neither steals the other's wake-up.
+//! The socket has one registration with the runtime: hyper's writes use its writer slot
+//! (`poll_write_ready`), and its reader slot (`poll_read_ready`) serves hyper's reads and
+//! the watch in turn, never together: hyper reads a request and, with `half_close` on,
+//! not again until its response has ended; the watch lives in the answer, which starts
+//! after the request was read and is gone before the response ends. So the watch needs
+//! no waiter of its own, nor a future: it is polled in place, and every open answer is
+//! that much smaller.
 
-use std::future::pending;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 use bytes::BufMut;
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// At most this many bytes are read ahead of hyper; past it, the watch gives up and the
@@ -172,28 +175,44 @@ impl std::fmt::Debug for Hangup {
 }
 
 impl Hangup {
-    /// Resolves once the client has closed its side of the connection (FIN or RST), and
-    /// from then on refuses the connection's writes. A half-close counts as leaving, as
-    /// it does for hyper by default: hyper's own watch is off on these connections, so
-    /// this one decides.
-    pub(crate) async fn hung_up(&self) {
+    /// Ready once the client has closed its side of the connection (FIN or RST), and
+    /// from then on the connection's writes are refused. A half-close counts as leaving,
+    /// as it does for hyper by default: hyper's own watch is off on these connections, so
+    /// this one decides. Bytes the client sends meanwhile are read ahead; once the
+    /// read-ahead is full, this stays pending (the hangup is found at the next write)
+    /// until hyper has taken some.
+    ///
+    /// Registers `cx` in the socket's reader slot, which is the watch's while an answer
+    /// runs (see the module's doc).
+    pub(crate) fn poll_hung_up(&self, cx: &mut Context<'_>) -> Poll<()> {
         let shared = &*self.0;
         loop {
-            let ready = match shared.stream.ready(Interest::READABLE).await {
-                Ok(ready) => ready,
-                Err(_) => break,
-            };
-            if ready.is_read_closed() {
-                break;
+            if shared.hung_up.load(Ordering::Relaxed) {
+                return Poll::Ready(());
+            }
+            match shared.stream.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => break,
+                Poll::Ready(Ok(())) => {}
             }
             match self.read_ahead() {
+                // The socket would block, which cleared its readiness: poll again to
+                // register for the next event.
                 Ahead::Drained => continue,
                 Ahead::Closed => break,
-                // Bounded: let hyper find the hangup at its next write.
-                Ahead::Full => pending::<()>().await,
+                // Bounded: not registered, so polled again only when something else
+                // wakes the answer.
+                Ahead::Full => return Poll::Pending,
             }
         }
         shared.hung_up.store(true, Ordering::Relaxed);
+        Poll::Ready(())
+    }
+
+    /// [`poll_hung_up`](Self::poll_hung_up) as a future.
+    #[cfg(test)]
+    pub(crate) async fn hung_up(&self) {
+        std::future::poll_fn(|cx| self.poll_hung_up(cx)).await
     }
 
     /// Moves the bytes waiting in the socket into the read-ahead buffer, until the socket

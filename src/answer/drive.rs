@@ -192,14 +192,13 @@ pub(super) fn drive<'a, S: Sink + 'a>(
     async move {
         // The two ends no answer can outlast, polled only after one of them woke: the loop
         // below runs once per token, and they almost never fire.
-        let mut hung_up = pin!(hung_up(gone.hangup));
         let mut stop = pin!(p.shutdown.stopped());
         let body = gone.body;
         let mut ends = Woken::new(poll_fn(move |cx| {
             // The body first: when both have happened, hyper dropping it is what counts.
             if body.is_some_and(|tx| tx.poll_closed(cx).is_ready()) {
                 Poll::Ready(Err(Outcome::Disconnected))
-            } else if hung_up.as_mut().poll(cx).is_ready() {
+            } else if gone.hangup.is_some_and(|h| h.poll_hung_up(cx).is_ready()) {
                 // Seen here before hyper drops the body (it no longer reads mid-answer).
                 body.inspect(|tx| tx.client_left());
                 Poll::Ready(Err(Outcome::Disconnected))
@@ -341,20 +340,6 @@ pub(super) fn drive<'a, S: Sink + 'a>(
             if !std::mem::replace(&mut clock.chunked, true) {
                 timer.as_mut().reset(clock.next(p));
             }
-        }
-    }
-}
-
-/// Resolves when the HTTP/1 socket behind `hangup` hung up; never without one.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn would store its argument twice in every open answer"
-)]
-fn hung_up(hangup: Option<&Hangup>) -> impl Future<Output = ()> + '_ {
-    async move {
-        match hangup {
-            Some(h) => h.hung_up().await,
-            None => std::future::pending().await,
         }
     }
 }
