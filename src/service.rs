@@ -559,7 +559,7 @@ const X_QUERY_ID: header::HeaderName = header::HeaderName::from_static("x-query-
 
 fn query_id_header(id: &QueryId) -> HeaderValue {
     // Hex digits are always a valid header value.
-    HeaderValue::from_str(id.as_str()).unwrap_or(HeaderValue::from_static("invalid"))
+    HeaderValue::from_str(id.text().as_str()).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
 /// How an error must be rendered: a JSON body, or one SSE event for a streaming ask

@@ -7,9 +7,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 ///
 /// The high half is random per process, the low half a counter passed through a
 /// bijective mixer, so ids never repeat within a process, are unlikely to repeat across
-/// processes, and cost no system call.
+/// processes, and cost no system call. Kept as the number and spelled out where it is
+/// shown (three times an ask): every open answer holds one, and the digits are twice
+/// its size.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct QueryId([u8; 32]);
+pub(crate) struct QueryId(u128);
+
+/// A query id's 32 digits.
+pub(crate) struct QueryIdText([u8; 32]);
+
+impl QueryIdText {
+    /// The digits as text.
+    pub(crate) fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
 
 impl QueryId {
     /// The next id.
@@ -19,25 +32,24 @@ impl QueryId {
         let (prefix, key) = *SEED.get_or_init(|| (random_u64(), random_u64()));
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let value = (u128::from(prefix) << 64) | u128::from(mix64(n ^ key));
-        QueryId(crate::wire::hex_128(value))
+        QueryId(value)
     }
 
     /// The id as text.
-    pub(crate) fn as_str(&self) -> &str {
-        // Only ASCII hex digits are ever stored.
-        std::str::from_utf8(&self.0).unwrap_or_default()
+    pub(crate) fn text(&self) -> QueryIdText {
+        QueryIdText(crate::wire::hex_128(self.0))
     }
 }
 
 impl std::fmt::Display for QueryId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(self.text().as_str())
     }
 }
 
 impl std::fmt::Debug for QueryId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QueryId({})", self.as_str())
+        write!(f, "QueryId({})", self.text().as_str())
     }
 }
 
@@ -67,9 +79,10 @@ mod tests {
         let ids: std::collections::HashSet<_> = (0..10_000).map(|_| QueryId::next()).collect();
         assert_eq!(ids.len(), 10_000);
         for id in ids.iter().take(10) {
-            assert_eq!(id.as_str().len(), 32);
+            assert_eq!(id.text().as_str().len(), 32);
             assert!(
-                id.as_str()
+                id.text()
+                    .as_str()
                     .bytes()
                     .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
             );
