@@ -9,14 +9,13 @@
 //! although nothing was delivered, and an idle stream runs on (contract §1.3).
 //!
 //! So the socket is hyper's IO through [`PeerIo`], and an answer in flight watches the same
-//! socket's readiness through a [`Hangup`]. A FIN or RST ends the answer at once. Since
-//! the watch sees every hang-up, hyper's own is turned off (`half_close`) on the
-//! connections that have one: hyper then reads only between requests, not each time it
-//! wakes to write. Bytes the
+//! socket's readiness through a [`Hangup`]. A FIN or RST ends the answer at once. Bytes the
 //! client sends meanwhile are read ahead into a small buffer that hyper reads first, so
 //! their readiness can be cleared and the next event seen; no byte is lost or reordered.
 //! Once the hangup is seen, the connection's writes fail, so hyper closes it rather than
-//! serve the requests the client left behind.
+//! serve the requests the client left behind. Since the watch sees every hang-up,
+//! hyper's own is off (`half_close`) on the connections that have one: hyper then reads
+//! only between requests, not each time it wakes to write.
 //!
 //! The socket has one registration with the runtime: hyper's writes use its writer slot
 //! (`poll_write_ready`), and its reader slot (`poll_read_ready`) serves hyper's reads and
@@ -36,7 +35,7 @@ use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// At most this many bytes are read ahead of hyper; past it, the watch gives up and the
+/// At most this many bytes are read ahead of hyper; past it, the watch stops and the
 /// hangup is found at the next write, as without it. (A client does not send a request
 /// this large while its previous answer is streaming, unless it means harm.)
 const READ_AHEAD: usize = 8 * 1024;
@@ -179,8 +178,8 @@ impl Hangup {
     /// from then on the connection's writes are refused. A half-close counts as leaving,
     /// as it does for hyper by default: hyper's own watch is off on these connections, so
     /// this one decides. Bytes the client sends meanwhile are read ahead; once the
-    /// read-ahead is full, this stays pending (the hangup is found at the next write)
-    /// until hyper has taken some.
+    /// read-ahead is full, this stays pending without registering (the hangup is found
+    /// at the next write), and a later poll, after hyper has taken bytes, watches again.
     ///
     /// Registers `cx` in the socket's reader slot, which is the watch's while an answer
     /// runs (see the module's doc).
