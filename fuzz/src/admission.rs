@@ -43,8 +43,9 @@
 //!   table gives its status: a JSON body, or, for a streaming ask, one SSE `data:` event
 //!   and nothing else; 405 carries `allow`, 429 carries `retry-after`;
 //! - a 200 streaming answer has the contract's headers (`connection: keep-alive` on
-//!   HTTP/1.x when the connection stays open, never otherwise), and its body decodes cleanly into exactly 4 `token` events then one
-//!   `done` whose `queryId` is the `x-query-id` header; a 200 JSON answer has its fields;
+//!   HTTP/1.x when the connection stays open, never otherwise), and its body decodes
+//!   cleanly into exactly 4 `token` events then one `done` whose `queryId` is the
+//!   `x-query-id` header; a 200 JSON answer has its fields;
 //! - no answer is left in flight once its response is drained;
 //! - the keys service answers as the open one does, except 401 (its auth), 429 (`sk-zero`)
 //!   and 413 for bodies over its 1 KiB;
