@@ -47,8 +47,9 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
     // Cancelled when the accept loop ends: connections that have not sent a byte yet
     // close, the others finish the request in hand and close. (Not the service's drain: a
     // service drained while still accepting answers its health check with 503, so new
-    // connections must still be served.)
-    let closing = CancellationToken::new();
+    // connections must still be served.) The service's own token, because the service
+    // renders the heads that must stop saying `keep-alive` then.
+    let closing = service.closing().clone();
     let shared = Arc::new(Shared {
         protocols: Protocols::new(&config),
         service: service.clone(),

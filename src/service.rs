@@ -108,6 +108,12 @@ struct Inner {
     /// whoever built the service) and stops when the service is dropped.
     housekeeping: Once,
     stop_housekeeping: CancellationToken,
+    /// Cancelled when [`serve`](crate::serve) stops accepting: from then on hyper closes
+    /// each connection after its response, so a response head must not promise
+    /// `keep-alive`. Held here, not by the server alone, because the head is rendered
+    /// here; the service's drain is not it (a service drained while its server still
+    /// accepts keeps its connections open).
+    closing: CancellationToken,
 }
 
 impl Drop for Inner {
@@ -159,6 +165,7 @@ impl AskService {
                 answers: TaskTracker::new(),
                 housekeeping: Once::new(),
                 stop_housekeeping: CancellationToken::new(),
+                closing: CancellationToken::new(),
             }),
             peer: None,
             activity: None,
@@ -253,6 +260,12 @@ impl AskService {
     /// the ones in flight.
     pub fn shutdown(&self) -> &Shutdown {
         self.inner.pipeline.shutdown()
+    }
+
+    /// The token [`serve`](crate::serve) cancels when it stops accepting, and its
+    /// connections close on.
+    pub(crate) fn closing(&self) -> &CancellationToken {
+        &self.inner.closing
     }
 
     fn metrics(&self) -> &Metrics {
@@ -363,13 +376,20 @@ impl AskService {
         } else {
             Mode::Json
         };
-        match self.clone().admit(req, mode, received).await {
+        let mut res = match self.clone().admit(req, mode, received).await {
             Ok(res) => res,
             Err(e) => {
                 self.metrics().rejected(e.code);
                 error_response(&e, mode)
             }
+        };
+        // Checked last, with no wait between here and hyper writing the head. Once the
+        // server closes connections, hyper will close this one after the response and say
+        // `close` itself: a `keep-alive` beside it would contradict it.
+        if self.inner.closing.is_cancelled() {
+            res.headers_mut().remove(header::CONNECTION);
         }
+        res
     }
 
     /// Runs every check, charges the quota and starts the answer, streaming it for

@@ -218,6 +218,62 @@ async fn healthz_turns_503_while_draining() {
     serve_returns(server.signal_shutdown()).await;
 }
 
+/// A request in hand when the server stops accepting is answered whole, and its head says
+/// `connection: close` alone: hyper closes the connection after it, so the SSE head's
+/// usual `keep-alive` must not stand beside hyper's `close`.
+#[tokio::test(start_paused = true)]
+async fn a_request_in_hand_when_accepting_stops_is_told_close_and_not_keep_alive() {
+    let mut server = TestServer::start(fast_config()).await;
+    let user = "in-hand";
+    let body = ask_body(QUERY);
+    let mut c = RawConn::connect(server.addr).await;
+    // The head now and the body later. hyper answers `100 Continue` when the service
+    // first reads the body, so the ask is inside the service, past the drain check,
+    // before the signal.
+    c.send(
+        format!(
+            "POST /api/v1/ai/ask?stream=true HTTP/1.1\r\nhost: test\r\n\
+             content-type: application/json\r\n{}content-length: {}\r\n\
+             expect: 100-continue\r\n\r\n",
+            bearer(user),
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        c.read_head().await.status,
+        100,
+        "the service reads the body"
+    );
+
+    let serve = server.signal_shutdown();
+    // No response on a new connection means the listener is gone, and the connections'
+    // closing token was cancelled in the same step.
+    let newcomer = tokio::time::timeout(Duration::from_secs(3600), try_ask(server.addr, user))
+        .await
+        .expect("the new connection is refused or reset");
+    assert_eq!(newcomer, None, "the accept loop has ended");
+
+    c.send(body.as_bytes()).await;
+    let head = c.read_head().await;
+    assert_eq!(head.status, 200, "the ask in hand is answered");
+    let connection: Vec<&str> = head
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "connection")
+        .map(|(_, value)| value.as_str())
+        .collect();
+    assert_eq!(connection, ["close"], "the head promises no keep-alive");
+    let events = finish_stream(&mut c).await;
+    assert_eq!(events.last().unwrap()["type"], "done", "the whole answer");
+    let rest = tokio::time::timeout(Duration::from_secs(3600), c.read_to_eof())
+        .await
+        .expect("the connection closes after its answer");
+    assert!(rest.is_empty(), "nothing after the answer");
+    serve_returns(serve).await;
+}
+
 /// How one racing ask ended, as its client saw it.
 #[derive(Debug, PartialEq)]
 enum Seen {
