@@ -1,6 +1,9 @@
 //! Smoke test of the load tool's engine against the real server, in-process: a couple of
 //! seconds at low load must produce no error and every answer must carry all its tokens.
 //! No timing is asserted — CI machines vary; the load tool itself is how speed is measured.
+//!
+//! Also against `hyper_floor` (the floor's job done through hyper), started as the tool
+//! starts a server: its flags, its `listening` line.
 
 use std::time::Duration;
 
@@ -209,4 +212,76 @@ async fn closed_loop_over_tls_with_and_without_keep_alive() {
     let _ = stop.send(());
     task.await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `hyper_floor` as a child process; killed when dropped, so a failed assertion leaves
+/// nothing behind.
+struct HyperFloor {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Drop for HyperFloor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `hyper_floor` on a free port, paced as [`start_server`]'s server, and reads
+/// where it listens from its first line.
+fn start_hyper_floor() -> HyperFloor {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hyper_floor"))
+        .args(["--listen", "127.0.0.1:0", "--sim-token-ms", "2"])
+        .args(["--sim-tokens", &TOKENS.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("hyper_floor starts");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut line = String::new();
+    std::io::BufReader::new(stderr)
+        .read_line(&mut line)
+        .expect("reads the listening line");
+    let addr = line
+        .split_once("addr=")
+        .and_then(|(_, addr)| addr.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    HyperFloor { child, addr }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hyper_floor_answers_every_ask_whole() {
+    let server = start_hyper_floor();
+    let s = Settings {
+        server_pid: Some(server.child.id()),
+        ..settings(server.addr, Load::Closed { concurrency: 4 }, false)
+    };
+    let r = engine::run(s).await.expect("runs");
+    assert_clean(&r);
+}
+
+/// As the floor does: no bearer token, no answer.
+#[test]
+fn hyper_floor_refuses_an_ask_without_a_bearer_token() {
+    use std::io::{Read, Write};
+    let server = start_hyper_floor();
+    let mut s = std::net::TcpStream::connect(server.addr).expect("connects");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = r#"{"query":"q"}"#;
+    write!(
+        s,
+        "POST /api/v1/ai/ask?stream=true HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("reads to the close");
+    assert!(
+        response.starts_with("HTTP/1.1 401 "),
+        "not a 401: {response:?}"
+    );
 }
