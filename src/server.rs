@@ -26,12 +26,12 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use crate::activity::Activity;
 use crate::config::ServiceConfig;
 use crate::peer;
 use crate::service::AskService;
+use crate::shutdown::Switch;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -44,12 +44,13 @@ const FINAL_FLUSH: Duration = Duration::from_secs(5);
 /// then end the rest with `SHUTTING_DOWN` (refunded) and return.
 pub async fn serve(listener: TcpListener, service: AskService, signal: impl Future<Output = ()>) {
     let config = service.config().clone();
-    // Cancelled when the accept loop ends: connections that have not sent a byte yet
-    // close, the others finish the request in hand and close. (Not the service's drain: a
-    // service drained while still accepting answers its health check with 503, so new
-    // connections must still be served.) The service's own token, because the service
-    // renders the heads that must stop saying `keep-alive` then.
-    let closing = service.closing().clone();
+    // Set when the accept loop ends: connections that have not sent a byte yet close, the
+    // others finish the request in hand and close. (Not the service's drain: a service
+    // drained while still accepting answers its health check with 503, so new connections
+    // must still be served.) The service's own switch, because the service renders the
+    // heads that must stop saying `keep-alive` then; connections reach it through
+    // `Shared::service`.
+    let closing = service.closing();
     let shared = Arc::new(Shared {
         protocols: Protocols::new(&config),
         service: service.clone(),
@@ -58,7 +59,6 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
             idle: config.idle_connection,
             slow_client: config.slow_client,
         },
-        closing: closing.clone(),
     });
     if let Ok(addr) = listener.local_addr() {
         #[cfg(feature = "tls")]
@@ -127,7 +127,8 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                 return;
             }
             let within = shared.deadlines.head;
-            let Some((sniffed, first)) = sniff(&stream, within, &shared.closing).await else {
+            let Some((sniffed, first)) = sniff(&stream, within, shared.service.closing()).await
+            else {
                 return;
             };
             let (io, hangup) = peer::split(stream, first);
@@ -138,9 +139,14 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                 // hyper-util's enum over both protocols.
                 Sniffed::Http1 => {
                     let service = service().watching(hangup);
-                    serve_http1(&protocols.http1, TokioIo::new(io), service, &shared.closing)
-                        .await
-                        .map_err(Into::into)
+                    serve_http1(
+                        &protocols.http1,
+                        TokioIo::new(io),
+                        service,
+                        shared.service.closing(),
+                    )
+                    .await
+                    .map_err(Into::into)
                 }
                 // Boxed: h2 connections are few and long-lived.
                 Sniffed::Http2 => {
@@ -150,7 +156,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                         &protocols.http2,
                         io,
                         service(),
-                        &shared.closing,
+                        shared.service.closing(),
                         shared.deadlines,
                     ))
                     .await
@@ -163,7 +169,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
                     let conn = protocols.unsure.serve_connection(TokioIo::new(io), service);
                     let d = shared.deadlines;
                     tokio::select! {
-                        served = until_closed(Box::pin(conn), &shared.closing, |c| {
+                        served = until_closed(Box::pin(conn), shared.service.closing(), |c| {
                             c.as_mut().graceful_shutdown();
                         }) => served,
                         () = activity.expired(d.head, d.idle, d.slow_client) => Ok(()),
@@ -177,7 +183,7 @@ pub async fn serve(listener: TcpListener, service: AskService, signal: impl Futu
     }
 
     drop(listener);
-    closing.cancel();
+    closing.set();
     service.shutdown().drain();
     let open = all as usize - connections.available_permits();
     tracing::info!(
@@ -225,9 +231,6 @@ struct Shared {
     /// The service, cloned for each connection with its peer.
     service: AskService,
     deadlines: Deadlines,
-    /// Cancelled when the accept loop ends: connections still silent close, the others
-    /// after the request in hand.
-    closing: CancellationToken,
 }
 
 /// The deadlines a connection is held to: its first bytes (and, for h2, its first
@@ -248,7 +251,7 @@ fn serve_http1<'a, I>(
     http1: &http1::Builder,
     io: I,
     service: AskService,
-    closing: &'a CancellationToken,
+    closing: &'a Switch,
 ) -> impl Future<Output = Result<(), hyper::Error>> + use<'a, I>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -264,7 +267,7 @@ async fn serve_http2<I>(
     http2: &http2::Builder<TokioExecutor>,
     io: I,
     service: AskService,
-    closing: &CancellationToken,
+    closing: &Switch,
     d: Deadlines,
 ) -> Result<(), BoxError>
 where
@@ -280,18 +283,19 @@ where
     }
 }
 
-/// Serves `conn` until it ends. Once `closing` is cancelled, `shutdown` asks it to finish
+/// Serves `conn` until it ends. Once `closing` is set, `shutdown` asks it to finish
 /// the requests in hand and close (hyper's graceful shutdown), and it is served until it
 /// has.
 ///
 /// hyper-util's graceful watcher does the same with a watch channel, twice the state in
-/// every connection's task; the accept loop's token and its permits already say what it
-/// says (see `serve`).
+/// every connection's task; the closing switch and the accept loop's permits already say
+/// what it says (see `serve`).
 ///
-/// The token's wait is polled once, to register the task's waker, and again only once
-/// the token is cancelled: an HTTP/1 stream's task wakes for every frame, and a `select!`
-/// polled the wait each time (a lock and a waker comparison per token). A task's waker
-/// does not change, so the first registration stands.
+/// The switch's wait is polled once, to register the task's waker, and again only once
+/// the switch is set: an HTTP/1 stream's task wakes for every frame, and a `select!`
+/// polled the wait each time (a lock and a waker comparison per token). Between, each
+/// wake asks the switch, one atomic load. A task's waker does not change, so the first
+/// registration stands.
 ///
 /// Not an `async fn`: one would keep `conn` twice, as its argument and as its local.
 #[expect(
@@ -300,18 +304,18 @@ where
 )]
 fn until_closed<'a, C: Future + Unpin + 'a>(
     mut conn: C,
-    closing: &'a CancellationToken,
+    closing: &'a Switch,
     shutdown: impl FnOnce(&mut C) + 'a,
 ) -> impl Future<Output = C::Output> + 'a {
     async move {
         {
-            let mut cancelled = pin!(closing.cancelled());
+            let mut cancelled = pin!(closing.wait());
             let mut registered = false;
             let served = poll_fn(|cx| {
                 if let Poll::Ready(out) = Pin::new(&mut conn).poll(cx) {
                     return Poll::Ready(Some(out));
                 }
-                if !registered || closing.is_cancelled() {
+                if !registered || closing.is_set() {
                     registered = true;
                     if cancelled.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(None);
@@ -343,7 +347,7 @@ async fn serve_tls(
     let (io, hangup) = peer::split(stream, Vec::new());
     let handshake = tokio::select! {
         biased;
-        () = shared.closing.cancelled() => return Ok(()),
+        () = shared.service.closing().wait() => return Ok(()),
         done = tokio::time::timeout(shared.deadlines.head, acceptor.accept(io)) => done,
     };
     let session = match handshake {
@@ -360,14 +364,14 @@ async fn serve_tls(
             &protocols.http2,
             io,
             service,
-            &shared.closing,
+            shared.service.closing(),
             shared.deadlines,
         )
         .await
     } else {
         let io = TokioIo::new(session);
         let service = service.watching(hangup);
-        Ok(serve_http1(&protocols.http1, io, service, &shared.closing).await?)
+        Ok(serve_http1(&protocols.http1, io, service, shared.service.closing()).await?)
     }
 }
 
@@ -378,11 +382,7 @@ async fn serve_tls(
 ///
 /// hyper's header timeout starts afresh once it reads, so a client whose first byte
 /// comes just before this deadline has up to twice `--header-timeout-secs` for its head.
-async fn sniff(
-    stream: &TcpStream,
-    within: Duration,
-    stop: &CancellationToken,
-) -> Option<(Sniffed, Vec<u8>)> {
+async fn sniff(stream: &TcpStream, within: Duration, stop: &Switch) -> Option<(Sniffed, Vec<u8>)> {
     let read = async {
         let mut first = Vec::new();
         loop {
@@ -413,7 +413,7 @@ async fn sniff(
     };
     tokio::select! {
         biased;
-        () = stop.cancelled() => None,
+        () = stop.wait() => None,
         read = tokio::time::timeout(within, read) => match read {
             Ok(Ok(first)) if !first.is_empty() => Some((Sniffed::from_first_bytes(&first), first)),
             _ => None,

@@ -41,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::peer::Hangup;
 use crate::quota::{QuotaError, QuotaStore};
 use crate::request;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, Switch};
 use crate::sse::body::channel;
 use crate::{web, wire};
 
@@ -108,12 +108,12 @@ struct Inner {
     /// whoever built the service) and stops when the service is dropped.
     housekeeping: Once,
     stop_housekeeping: CancellationToken,
-    /// Cancelled when [`serve`](crate::serve) stops accepting: from then on hyper closes
-    /// each connection after its response, so a response head must not promise
-    /// `keep-alive`. Held here, not by the server alone, because the head is rendered
-    /// here; the service's drain is not it (a service drained while its server still
-    /// accepts keeps its connections open).
-    closing: CancellationToken,
+    /// Set when [`serve`](crate::serve) stops accepting: from then on hyper closes each
+    /// connection after its response, so a response head must not promise `keep-alive`.
+    /// Held here, not by the server alone, because the head is rendered here; the
+    /// service's drain is not it (a service drained while its server still accepts keeps
+    /// its connections open).
+    closing: Switch,
 }
 
 impl Drop for Inner {
@@ -165,7 +165,7 @@ impl AskService {
                 answers: TaskTracker::new(),
                 housekeeping: Once::new(),
                 stop_housekeeping: CancellationToken::new(),
-                closing: CancellationToken::new(),
+                closing: Switch::default(),
             }),
             peer: None,
             activity: None,
@@ -262,9 +262,9 @@ impl AskService {
         self.inner.pipeline.shutdown()
     }
 
-    /// The token [`serve`](crate::serve) cancels when it stops accepting, and its
+    /// The switch [`serve`](crate::serve) sets when it stops accepting, and its
     /// connections close on.
-    pub(crate) fn closing(&self) -> &CancellationToken {
+    pub(crate) fn closing(&self) -> &Switch {
         &self.inner.closing
     }
 
@@ -386,7 +386,7 @@ impl AskService {
         // Checked last, with no wait between here and hyper writing the head. Once the
         // server closes connections, hyper will close this one after the response and say
         // `close` itself: a `keep-alive` beside it would contradict it.
-        if self.inner.closing.is_cancelled() {
+        if self.inner.closing.is_set() {
             res.headers_mut().remove(header::CONNECTION);
         }
         res

@@ -8,6 +8,8 @@
 //! around them: it ends the accept loop, drains, closes connections as their responses
 //! finish, and stops once the grace period is over.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// The shutdown state shared by the accept loop, the service and every answer.
@@ -50,6 +52,38 @@ impl Shutdown {
     /// Resolves when answers must stop. Answers keep this pinned in their `select!`.
     pub fn stopped(&self) -> WaitForCancellationFuture<'_> {
         self.stop.cancelled()
+    }
+}
+
+/// A switch that is set once and stays set: asked with one atomic load, waited on as a
+/// cancellation token.
+///
+/// tokio-util's `CancellationToken::is_cancelled` locks a mutex that every clone of the
+/// token shares. The closing switch is asked on every wake of every connection's task,
+/// so through a token alone each token event took one lock of a single server-wide
+/// mutex, which threads on other cores would contend for.
+#[derive(Debug, Default)]
+pub(crate) struct Switch {
+    set: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Switch {
+    /// Sets the switch and wakes its waiters. Idempotent.
+    pub(crate) fn set(&self) {
+        // Stored before the wake-up, so a woken waiter that asks sees it set.
+        self.set.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    /// Whether the switch is set.
+    pub(crate) fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the switch is set.
+    pub(crate) fn wait(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
     }
 }
 
