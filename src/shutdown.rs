@@ -8,6 +8,7 @@
 //! around them: it ends the accept loop, drains, closes connections as their responses
 //! finish, and stops once the grace period is over.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
@@ -17,7 +18,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 /// Cheap to clone; all clones see the same state.
 #[derive(Clone, Debug, Default)]
 pub struct Shutdown {
-    drain: CancellationToken,
+    /// Asked by every ask and health check: a switch, so that is an atomic load rather
+    /// than a lock of the token's mutex, which every clone shares.
+    drain: Arc<Switch>,
     stop: CancellationToken,
 }
 
@@ -29,17 +32,17 @@ impl Shutdown {
 
     /// Starts draining: no new asks, `/healthz` 503. Idempotent.
     pub fn drain(&self) {
-        self.drain.cancel();
+        self.drain.set();
     }
 
     /// Whether draining has started.
     pub fn is_draining(&self) -> bool {
-        self.drain.is_cancelled()
+        self.drain.is_set()
     }
 
     /// The grace period is over: answers still running must end now. Implies draining.
     pub fn stop(&self) {
-        self.drain.cancel();
+        self.drain.set();
         self.stop.cancel();
     }
 
@@ -153,5 +156,33 @@ mod tests {
         s.stop();
         waiter.await.unwrap();
         assert!(s.is_stopped());
+    }
+
+    #[test]
+    fn a_clone_sees_the_drain() {
+        let s = Shutdown::new();
+        let clone = s.clone();
+        s.drain();
+        assert!(clone.is_draining());
+    }
+
+    #[tokio::test]
+    async fn a_switch_wakes_its_waiters_and_stays_set() {
+        let switch = Arc::new(Switch::default());
+        assert!(!switch.is_set());
+        let waiter = {
+            let switch = switch.clone();
+            tokio::spawn(async move {
+                switch.wait().await;
+                switch.is_set()
+            })
+        };
+        // Let the waiter register before the switch is set.
+        tokio::task::yield_now().await;
+        switch.set();
+        assert!(waiter.await.unwrap(), "the woken waiter sees it set");
+        switch.set();
+        assert!(switch.is_set());
+        switch.wait().await;
     }
 }
