@@ -225,10 +225,7 @@ impl Bm25Index {
         }
         hits.sort_unstable_by(best_first);
         hits.into_iter()
-            .map(|pid| Passage {
-                stored: self.passages[pid as usize].clone(),
-                score: scores[pid as usize],
-            })
+            .map(|pid| Passage::new(self.passages[pid as usize].clone(), scores[pid as usize]))
             .collect()
     }
 

@@ -78,6 +78,17 @@ pub struct Passage {
     pub score: f32,
 }
 
+impl Passage {
+    /// `stored` as a hit that scored `score`. A retriever that keeps its passages in
+    /// `Arc`s hands out clones of them, so a hit costs a reference count.
+    pub fn new(stored: impl Into<Arc<StoredPassage>>, score: f32) -> Self {
+        Passage {
+            stored: stored.into(),
+            score,
+        }
+    }
+}
+
 /// A passage as a corpus stores it, whatever it matched.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredPassage {
@@ -91,6 +102,30 @@ pub struct StoredPassage {
     pub text: Arc<str>,
 }
 
+impl StoredPassage {
+    /// A passage with no address (see [`with_url`](Self::with_url)).
+    pub fn new(
+        id: impl Into<Arc<str>>,
+        title: impl Into<Arc<str>>,
+        text: impl Into<Arc<str>>,
+    ) -> Self {
+        StoredPassage {
+            id: id.into(),
+            title: title.into(),
+            url: None,
+            text: text.into(),
+        }
+    }
+
+    /// The same passage, opened by a reader at `url` (`done.sources[].url`).
+    pub fn with_url(self, url: impl Into<Arc<str>>) -> Self {
+        StoredPassage {
+            url: Some(url.into()),
+            ..self
+        }
+    }
+}
+
 /// What a generator is asked to answer. Cheap to clone: the fields are shared.
 #[derive(Clone, Debug)]
 pub struct Prompt {
@@ -101,6 +136,35 @@ pub struct Prompt {
 }
 
 /// Finds the passages that answer a query.
+///
+/// A retriever of your own, here one that knows a single page:
+///
+/// ```
+/// use std::sync::Arc;
+/// use askstream::pipeline::{BoxFuture, Passage, PipelineError, Retriever, StoredPassage};
+///
+/// struct OnePage(Arc<StoredPassage>);
+///
+/// impl Retriever for OnePage {
+///     fn retrieve<'a>(
+///         &'a self,
+///         _query: &'a str,
+///         top_k: usize,
+///     ) -> BoxFuture<'a, Result<Vec<Passage>, PipelineError>> {
+///         let hits = (top_k > 0).then(|| Passage::new(self.0.clone(), 1.0));
+///         // Ready at once; a vector store would await its client here.
+///         Box::pin(std::future::ready(Ok(hits.into_iter().collect())))
+///     }
+/// }
+///
+/// let page = StoredPassage::new("refunds.md#1", "Refunds", "A cut answer is refunded.")
+///     .with_url("https://example.com/refunds");
+/// let service = askstream::AskService::builder(askstream::ServiceConfig::default())
+///     .retriever(Arc::new(OnePage(page.into())))
+///     .build()
+///     .unwrap();
+/// # let _ = service;
+/// ```
 pub trait Retriever: Send + Sync + 'static {
     /// Returns at most `top_k` passages, best first. An empty result is not an error.
     fn retrieve<'a>(

@@ -495,15 +495,7 @@ mod tests {
     use crate::pipeline::{Passage, StoredPassage};
 
     fn passage(id: &str, text: &str) -> Passage {
-        Passage {
-            stored: Arc::new(StoredPassage {
-                id: id.into(),
-                title: "T".into(),
-                url: None,
-                text: text.into(),
-            }),
-            score: 1.0,
-        }
+        Passage::new(StoredPassage::new(id, "T", text), 1.0)
     }
 
     fn prompt(texts: &[&str]) -> Prompt {

@@ -195,18 +195,9 @@ impl PromptBuilder for PromptTemplate {
 mod tests {
     use super::*;
     use crate::pipeline::StoredPassage;
-    use std::sync::Arc;
 
     fn passage(id: &str, title: &str, text: &str) -> Passage {
-        Passage {
-            stored: Arc::new(StoredPassage {
-                id: id.into(),
-                title: title.into(),
-                url: None,
-                text: text.into(),
-            }),
-            score: 1.0,
-        }
+        Passage::new(StoredPassage::new(id, title, text), 1.0)
     }
 
     #[test]
