@@ -393,7 +393,10 @@ async fn sniff(stream: &TcpStream, within: Duration, stop: &Switch) -> Option<(S
             // would-block, it clears the read readiness seen before the read, so hyper,
             // done with these bytes, waits for the next event instead of making a system
             // call that finds the socket empty. Bytes that arrive after the read are a
-            // new event, which the clear does not touch.
+            // new event, which the clear does not touch. (`try_read_buf` is a `try_io` of
+            // its own, which clears the readiness on a real would-block; this one is for
+            // the short read. Reading the socket directly here instead would mean
+            // initializing the buffer first, or `unsafe` to skip that.)
             let mut short = false;
             let read = stream.try_io(Interest::READABLE, || {
                 let n = stream.try_read_buf(&mut first)?;
