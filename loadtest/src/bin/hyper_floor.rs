@@ -7,7 +7,8 @@
 //! quota map behind a mutex, pre-serialized events, and the next token `--sim-token-ms` after
 //! the last one was handed over. hyper is set up as askstream sets it up (`writev(false)`,
 //! `TCP_NODELAY`). There is no retrieval, no channel between an answer and its connection,
-//! no disconnect watch, no limits and no graceful shutdown: SIGTERM ends it.
+//! no disconnect watch, no limits and no graceful shutdown: SIGTERM ends it. Only streaming
+//! asks are answered (the standard workloads' kind); any other gets 501.
 //!
 //! It takes askstream's flags, prints askstream's `listening` line and answers `/healthz`,
 //! so the load tool starts it as it starts askstream:
@@ -222,12 +223,12 @@ async fn handle(
     if serde_json::from_slice::<AskBody>(&body).is_err() {
         return Ok(error(StatusCode::BAD_REQUEST, "invalid JSON body"));
     }
-    let Some(remaining) = shared.charge(&user) else {
-        return Ok(error(StatusCode::TOO_MANY_REQUESTS, "quota exhausted"));
-    };
     if !stream {
         return Ok(error(StatusCode::NOT_IMPLEMENTED, "only streaming answers"));
     }
+    let Some(remaining) = shared.charge(&user) else {
+        return Ok(error(StatusCode::TOO_MANY_REQUESTS, "quota exhausted"));
+    };
     let wait = (!shared.ttft.is_zero())
         .then(|| Box::pin(tokio::time::sleep_until(Instant::now() + shared.ttft)));
     let mut res = Response::new(SimBody::Answer(Box::new(Answer {
