@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -94,14 +94,9 @@ impl Shared {
 }
 
 /// A response body: a fixed one, or a paced answer.
-enum SimBody {
-    /// Sent whole, once.
-    Fixed(Option<Bytes>),
-    /// The answer: tokens on a timer, then `done`.
-    Answer(Box<Answer>),
-}
+type SimBody = Either<Full<Bytes>, Box<Answer>>;
 
-/// A paced answer's state; boxed, as askstream boxes its answers.
+/// A paced answer: tokens on a timer, then `done`. Boxed, as askstream boxes its answers.
 struct Answer {
     shared: Arc<Shared>,
     /// Token events sent so far.
@@ -113,7 +108,7 @@ struct Answer {
     finished: bool,
 }
 
-impl Body for SimBody {
+impl Body for Answer {
     type Data = Bytes;
     type Error = Infallible;
 
@@ -121,10 +116,7 @@ impl Body for SimBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let answer = match &mut *self {
-            SimBody::Fixed(bytes) => return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            SimBody::Answer(answer) => answer,
-        };
+        let answer = &mut *self;
         if answer.finished {
             return Poll::Ready(None);
         }
@@ -155,25 +147,14 @@ impl Body for SimBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            SimBody::Fixed(bytes) => bytes.is_none(),
-            SimBody::Answer(answer) => answer.finished,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            SimBody::Fixed(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            SimBody::Fixed(None) => SizeHint::with_exact(0),
-            SimBody::Answer(_) => SizeHint::default(),
-        }
+        self.finished
     }
 }
 
 /// A small JSON error response.
 fn error(status: StatusCode, message: &str) -> Response<SimBody> {
     let body = format!("{{\"error\":\"{message}\"}}");
-    let mut res = Response::new(SimBody::Fixed(Some(Bytes::from(body))));
+    let mut res = Response::new(Either::Left(Full::new(Bytes::from(body))));
     *res.status_mut() = status;
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -201,7 +182,7 @@ async fn handle(
 ) -> Result<Response<SimBody>, Infallible> {
     let path = req.uri().path();
     if path == "/healthz" {
-        return Ok(Response::new(SimBody::Fixed(Some(Bytes::from_static(
+        return Ok(Response::new(Either::Left(Full::new(Bytes::from_static(
             b"ok\n",
         )))));
     }
@@ -231,7 +212,7 @@ async fn handle(
     };
     let wait = (!shared.ttft.is_zero())
         .then(|| Box::pin(tokio::time::sleep_until(Instant::now() + shared.ttft)));
-    let mut res = Response::new(SimBody::Answer(Box::new(Answer {
+    let mut res = Response::new(Either::Right(Box::new(Answer {
         shared,
         sent: 0,
         wait,
