@@ -793,6 +793,68 @@ async fn fin_mid_stream_with_bytes_behind_the_ask_stops_the_generator() {
     }
 }
 
+/// The send and receive queues of the IPv4 loopback socket from port `local` to port
+/// `peer`, as the kernel counts them (`/proc/net/tcp`): bytes sent but not yet
+/// acknowledged, and bytes received but not yet read by the process.
+fn tcp_queues(local: u16, peer: u16) -> Option<(u32, u32)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let (local, peer) = (
+        format!("0100007F:{local:04X}"),
+        format!("0100007F:{peer:04X}"),
+    );
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&local.as_str()) || fields.get(2) != Some(&peer.as_str()) {
+            return None;
+        }
+        let (tx, rx) = fields.get(4)?.split_once(':')?;
+        Some((
+            u32::from_str_radix(tx, 16).ok()?,
+            u32::from_str_radix(rx, 16).ok()?,
+        ))
+    })
+}
+
+/// Bytes the client sends while its answer waits are read by the server (the hangup
+/// watch reads them ahead for hyper), and the client's leaving afterwards is still
+/// noticed at once. Were hyper to read the socket mid-answer as well, the two readers
+/// would share one wake-up slot: hyper would take the bytes and the wake-up with them,
+/// stop reading with a request in its buffer, and neither would see the FIN that follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fin_after_bytes_sent_mid_answer_is_noticed_and_refunded() {
+    for (i, (what, trailing)) in TRAILING.into_iter().enumerate() {
+        let user = &format!("disc-mid-bytes-{i}");
+        let (server, counters) = start_hanging(THREE).await;
+        let (mut conn, _) = open_stream(&server, user).await;
+        assert_eq!(read_events(&mut conn, 3).await.len(), 3, "{what}");
+
+        conn.send(trailing).await;
+        // The bytes are acknowledged by the server's kernel, then read by the server:
+        // only then does the FIN follow, so it cannot arrive with them.
+        let client = conn.stream.local_addr().unwrap().port();
+        let port = server.addr.port();
+        wait_for("the server to read the bytes sent mid-answer", || {
+            tcp_queues(client, port).is_some_and(|(unacked, _)| unacked == 0)
+                && tcp_queues(port, client).is_some_and(|(_, unread)| unread == 0)
+        })
+        .await;
+        assert_eq!(counters.dropped.load(Ordering::SeqCst), 0, "{what}");
+
+        close(conn, false);
+        server.settled().await;
+        assert_eq!(
+            counters.dropped.load(Ordering::SeqCst),
+            1,
+            "{what}: the generator was stopped"
+        );
+        assert_eq!(
+            remaining_with_limit(server.addr, user, LIMIT).await,
+            LIMIT,
+            "{what}: refunded"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_ask_with_bytes_behind_it_is_refunded_when_the_client_leaves() {
     for (i, (what, trailing)) in TRAILING.into_iter().enumerate() {
