@@ -20,7 +20,21 @@ impl Drop for Child {
 /// `askstream` with `args`, `--listen 127.0.0.1:0`, `RUST_LOG=info` and no `ASKSTREAM_*`
 /// variable from the test's environment; `env` is set on top.
 pub fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_askstream"));
+    wrapped(&[], args, env)
+}
+
+/// [`command`] run by another program: `wrapper` is that program and its arguments, and
+/// the binary's path and arguments follow them (`strace -o trace askstream …`).
+pub fn wrapped(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Command {
+    let bin = env!("CARGO_BIN_EXE_askstream");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(rest).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    };
     cmd.args(["--listen", "127.0.0.1:0"])
         .args(args)
         .env("RUST_LOG", "info")
