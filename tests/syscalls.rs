@@ -61,8 +61,10 @@ impl Traced {
 
 impl Drop for Traced {
     fn drop(&mut self) {
+        // Usually gone by now, having been stopped: then `kill` has nothing to say.
         let _ = std::process::Command::new("kill")
             .args(["-KILL", &self.0.to_string()])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
