@@ -1,15 +1,16 @@
 //! What one streamed answer costs in system calls, counted by `strace` on the real binary:
 //! the request is read once, the response head goes out in the same write as the first
 //! token event, and while the answer streams the connection is written once per token
-//! event at most and never read (contract §6: "each token frame" is the hot path). A
-//! change that splits the head from the first token, writes one event in two, or reads
-//! the socket on every wake-up fails here, however fast the machine.
+//! event at most and nothing is read from it (contract §6: "each token frame" is the hot
+//! path). A change that splits the head from the first token, writes one event in two, or
+//! reads the socket on every wake-up fails here, however fast the machine.
 //!
 //! Skipped (with a notice) where `strace` is missing or cannot trace (no ptrace), unless
 //! `ASKSTREAM_REQUIRE_STRACE=1`, which `.ci/run` sets.
 
 mod support;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -92,6 +93,11 @@ impl Call {
         )
     }
 
+    /// A read that found the socket empty.
+    fn is_empty_read(&self) -> bool {
+        self.is_read() && self.text.contains("= -1 EAGAIN")
+    }
+
     /// Token events in what it wrote (strace escapes the JSON's quotes).
     fn token_events(&self) -> usize {
         self.text.matches(r#"{\"type\":\"token\""#).count()
@@ -99,22 +105,41 @@ impl Call {
 }
 
 /// The calls, in order, on the server's socket whose peer is the client's `port`. With
-/// `-yy`, strace names a TCP descriptor `[local->peer]`; a call split across threads
-/// shows its descriptor on the line that starts it, which is the one counted.
+/// `-yy`, strace names a TCP descriptor `[local->peer]`. A call that another thread
+/// interrupts is printed in two lines, `… <unfinished ...>` with the descriptor and
+/// `<... name resumed> …` with the result; the two are joined here.
 fn calls_on(trace: &str, port: u16) -> Vec<Call> {
     let peer = format!("->127.0.0.1:{port}]>");
-    trace
-        .lines()
-        .filter_map(|line| {
-            let call = line.split_once(' ')?.1.trim_start();
-            let (name, args) = call.split_once('(')?;
-            let (fd, rest) = args.split_once(',').unwrap_or((args, ""));
-            fd.contains(&peer).then(|| Call {
+    let mut calls: Vec<Call> = Vec::new();
+    // The calls left unfinished, by thread: where they are in `calls`.
+    let mut unfinished: HashMap<&str, usize> = HashMap::new();
+    for line in trace.lines() {
+        let Some((pid, call)) = line.split_once(' ') else {
+            continue;
+        };
+        let call = call.trim_start();
+        if call.starts_with("<... ") {
+            if let Some(i) = unfinished.remove(pid) {
+                let result = call.split_once("resumed>").map_or(call, |(_, r)| r);
+                calls[i].text.push_str(result);
+            }
+            continue;
+        }
+        let Some((name, args)) = call.split_once('(') else {
+            continue;
+        };
+        let (fd, rest) = args.split_once(',').unwrap_or((args, ""));
+        if fd.contains(&peer) {
+            if rest.ends_with("<unfinished ...>") {
+                unfinished.insert(pid, calls.len());
+            }
+            calls.push(Call {
                 name: name.to_string(),
                 text: rest.trim_start().to_string(),
-            })
-        })
-        .collect()
+            });
+        }
+    }
+    calls
 }
 
 #[tokio::test]
@@ -184,7 +209,22 @@ async fn an_answer_reads_its_request_once_and_writes_each_token_event_once() {
         .unwrap_or_else(|| panic!("no write on the connection: {calls:#?}"));
     let last = calls.iter().rposition(Call::is_write).unwrap_or(first);
 
-    let reads_before = calls[..first].iter().filter(|c| c.is_read()).count();
+    // A read may find the socket empty where the runtime was told, late, that it is
+    // readable: an edge-triggered event for the write side carries the read bit too, and
+    // under load one can arrive after the read that took the request. That costs one
+    // call, not one per token, and is allowed once; what was read is held exactly.
+    let empty_reads: Vec<&Call> = calls[..=last]
+        .iter()
+        .filter(|c| c.is_empty_read())
+        .collect();
+    assert!(
+        empty_reads.len() <= 1,
+        "at most one read finds the socket empty before the answer ends: {calls:#?}"
+    );
+    let reads_before = calls[..first]
+        .iter()
+        .filter(|c| c.is_read() && !c.is_empty_read())
+        .count();
     assert_eq!(
         reads_before, 1,
         "the request, sent in one write, is read in one read: {calls:#?}"
@@ -194,8 +234,10 @@ async fn an_answer_reads_its_request_once_and_writes_each_token_event_once() {
         head.text.contains("HTTP/1.1 200 OK") && head.token_events() == 1,
         "the head and the first token event leave in one write: {head:#?}"
     );
-    let reads_while_streaming: Vec<&Call> =
-        calls[first..=last].iter().filter(|c| c.is_read()).collect();
+    let reads_while_streaming: Vec<&Call> = calls[first..=last]
+        .iter()
+        .filter(|c| c.is_read() && !c.is_empty_read())
+        .collect();
     assert!(
         reads_while_streaming.is_empty(),
         "nothing is read while the answer streams (the client sent nothing): {reads_while_streaming:#?}"
