@@ -231,10 +231,16 @@ impl Drop for HyperFloor {
 /// Starts `hyper_floor` on a free port, paced as [`start_server`]'s server, and reads
 /// where it listens from its first line.
 fn start_hyper_floor() -> HyperFloor {
+    start_hyper_floor_with(&[])
+}
+
+/// [`start_hyper_floor`] with more flags.
+fn start_hyper_floor_with(extra: &[&str]) -> HyperFloor {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hyper_floor"))
         .args(["--listen", "127.0.0.1:0", "--sim-token-ms", "2"])
         .args(["--sim-tokens", &TOKENS.to_string()])
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -263,25 +269,49 @@ async fn hyper_floor_answers_every_ask_whole() {
     assert_clean(&r);
 }
 
-/// As the floor does: no bearer token, no answer.
-#[test]
-fn hyper_floor_refuses_an_ask_without_a_bearer_token() {
+/// One ask on a connection of its own (`connection: close`), `extra` being more header
+/// lines; the whole response, read to the close.
+fn ask_once(addr: std::net::SocketAddr, path: &str, extra: &str) -> String {
     use std::io::{Read, Write};
-    let server = start_hyper_floor();
-    let mut s = std::net::TcpStream::connect(server.addr).expect("connects");
+    let mut s = std::net::TcpStream::connect(addr).expect("connects");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let body = r#"{"query":"q"}"#;
     write!(
         s,
-        "POST /api/v1/ai/ask?stream=true HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\
+        "POST {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n{extra}\
          content-length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
     let mut response = String::new();
     s.read_to_string(&mut response).expect("reads to the close");
+    response
+}
+
+/// As the floor does: no bearer token, no answer.
+#[test]
+fn hyper_floor_refuses_an_ask_without_a_bearer_token() {
+    let server = start_hyper_floor();
+    let response = ask_once(server.addr, "/api/v1/ai/ask?stream=true", "");
     assert!(
         response.starts_with("HTTP/1.1 401 "),
         "not a 401: {response:?}"
     );
+}
+
+/// A non-streaming ask is refused with 501 before it is charged: with a quota of one,
+/// the streaming ask after it is still answered, and only the next is refused.
+#[test]
+fn hyper_floor_refuses_a_json_ask_without_charging_it() {
+    let server = start_hyper_floor_with(&["--quota-limit", "1"]);
+    let auth = "authorization: Bearer floor-user\r\n";
+    let json = ask_once(server.addr, "/api/v1/ai/ask", auth);
+    assert!(json.starts_with("HTTP/1.1 501 "), "not a 501: {json:?}");
+    let stream = ask_once(server.addr, "/api/v1/ai/ask?stream=true", auth);
+    assert!(
+        stream.starts_with("HTTP/1.1 200 ") && stream.contains("\"type\":\"done\""),
+        "the quota's one ask is still there: {stream:?}"
+    );
+    let over = ask_once(server.addr, "/api/v1/ai/ask?stream=true", auth);
+    assert!(over.starts_with("HTTP/1.1 429 "), "not a 429: {over:?}");
 }
