@@ -62,11 +62,8 @@ impl Traced {
 
 impl Drop for Traced {
     fn drop(&mut self) {
-        // Usually gone by now, having been stopped: then `kill` has nothing to say.
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &self.0.to_string()])
-            .stderr(std::process::Stdio::null())
-            .status();
+        // Usually gone by now, having been stopped: then there is nothing to kill.
+        process::signal_pid(self.0, "-KILL");
     }
 }
 
@@ -174,7 +171,7 @@ async fn an_answer_reads_its_request_once_and_writes_each_token_event_once() {
         ],
         &[],
     );
-    let (strace, lines, mut log, addr) = process::spawn(cmd);
+    let (mut strace, lines, mut log, addr) = process::spawn(cmd);
     let server = Traced::child_of(strace.0.id());
 
     let mut conn = RawConn::connect(addr).await;
@@ -192,11 +189,11 @@ async fn an_answer_reads_its_request_once_and_writes_each_token_event_once() {
     wait_for_line(&lines, &mut log, "ask finished", WAIT);
 
     // A graceful stop, so strace sees the process out and the trace is whole.
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &server.0.to_string()])
-        .status();
+    assert!(
+        process::signal_pid(server.0, "-TERM"),
+        "SIGTERM reaches the binary"
+    );
     wait_for_line(&lines, &mut log, "shut down", WAIT);
-    let mut strace = strace;
     let _ = strace.0.wait();
     let trace = std::fs::read_to_string(&trace_file).expect("strace wrote its trace");
     let _ = std::fs::remove_file(&trace_file);
