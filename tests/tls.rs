@@ -224,6 +224,28 @@ async fn alpn_h2_multiplexes_answers_on_one_connection() {
     driver.abort();
 }
 
+/// Posts a streaming ask as `user` over HTTP/1.1 on TLS and reads what arrives first:
+/// the connection and those bytes, which hold the head and the first token event.
+async fn start_stream_over_tls(
+    server: &TestServer,
+    cert: &Cert,
+    user: &str,
+) -> (TlsStream<TcpStream>, Vec<u8>) {
+    let mut stream = connect(server.addr, cert, &[b"http/1.1"]).await;
+    stream
+        .write_all(post("/api/v1/ai/ask?stream=true", &ask_body(QUERY), user).as_bytes())
+        .await
+        .unwrap();
+    let mut first = vec![0; 4096];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut first))
+        .await
+        .expect("the head and first token")
+        .unwrap();
+    first.truncate(n);
+    assert!(find(&first, b"\"type\":\"token\"").is_some(), "{first:?}");
+    (stream, first)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_answer_over_tls_is_refunded() {
     let cert = Cert::new("leave");
@@ -232,21 +254,57 @@ async fn a_client_leaving_mid_answer_over_tls_is_refunded() {
     support::sim(&mut config).token_interval = Duration::from_secs(3600);
     config.heartbeat = Duration::from_secs(3600);
     let server = TestServer::start(config).await;
-    let mut stream = connect(server.addr, &cert, &[b"http/1.1"]).await;
-    stream
-        .write_all(post("/api/v1/ai/ask?stream=true", &ask_body(QUERY), "tls-leave").as_bytes())
-        .await
-        .unwrap();
-    let mut first = vec![0; 4096];
-    let n = tokio::time::timeout(WAIT, stream.read(&mut first))
-        .await
-        .expect("the head and first token")
-        .unwrap();
-    assert!(find(&first[..n], b"\"type\":\"token\"").is_some());
+    let (stream, _) = start_stream_over_tls(&server, &cert, "tls-leave").await;
     assert_eq!(server.remaining_in_store("tls-leave", 10), 9);
     drop(stream);
     server.settled().await;
     assert_eq!(server.remaining_in_store("tls-leave", 10), 10, "refunded");
+}
+
+/// A client that ends its TLS session (`close_notify`) mid-answer but keeps the TCP
+/// connection open may go on reading, as TLS allows: it is sent the rest of its answer,
+/// which is charged (README, "Serving browsers directly"). Only closing the connection
+/// ends an answer over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_notify_with_tcp_open_mid_answer_gets_the_whole_answer() {
+    let cert = Cert::new("notify");
+    let mut config = tls_config(&cert, 10);
+    support::sim(&mut config).ttft = Duration::ZERO;
+    support::sim(&mut config).token_interval = Duration::from_millis(20);
+    support::sim(&mut config).tokens = 6;
+    let server = TestServer::start(config).await;
+    let (mut stream, mut raw) = start_stream_over_tls(&server, &cert, "tls-notify").await;
+    assert!(
+        find(&raw, b"\"type\":\"done\"").is_none(),
+        "still streaming"
+    );
+
+    // close_notify alone: the TCP connection stays open, and this side still reads.
+    stream.get_mut().1.send_close_notify();
+    stream.flush().await.expect("close_notify sent");
+    let rest = tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 4096];
+        // The server closes once the answer is done; how (with its own close_notify or
+        // not) does not matter here.
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            raw.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the server closes after the answer");
+    let (_, body) = split_response(&raw);
+    let events = data_events(&dechunk_prefix(body).0);
+    assert_eq!(
+        events.last().map(|e| e["type"].clone()),
+        Some("done".into()),
+        "{events:?}"
+    );
+    server.settled().await;
+    assert_eq!(
+        server.remaining_in_store("tls-notify", 10),
+        9,
+        "charged once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
